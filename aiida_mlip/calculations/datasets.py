@@ -1,0 +1,122 @@
+"""Calcfunctions that make, split and merge ``mlip.dataset`` nodes, so every dataset has a creator in the graph."""
+from __future__ import annotations
+
+import numpy as np
+from aiida import orm
+from aiida.engine import calcfunction
+
+from aiida_mlip.data.dataset import (
+    ISOLATED_ATOM, TrainingSet, concatenate_arrays, fingerprint_differences,
+)
+
+#: GPa -> eV/Å³
+GPA_TO_EV_PER_A3 = 1.0 / 160.21766208
+
+SPLIT_NAMES = ('train', 'valid', 'test')
+
+
+def frame_link_prefix(index: int) -> str:
+    """Link-label prefix of the nodes of frame ``index`` in :func:`collect_labeled_frames`."""
+    return f'frame_{index:05d}'
+
+
+@calcfunction
+def collect_labeled_frames(settings: orm.Dict, **frames) -> TrainingSet:
+    """Turn PwBaseWorkChain outputs into one ``mlip.dataset``.
+
+    ``frames`` holds, per frame ``frame_NNNNN``: ``_structure`` (the input StructureData), ``_parameters``
+    (``output_parameters``) and ``_trajectory`` (``output_trajectory``). ``settings`` holds ``config_types``
+    (list, one per frame) and ``fingerprint``. The source of each frame is the PwCalculation that created its
+    ``output_parameters``. Stress goes from QE's sign and GPa to ASE's sign and eV/Å³.
+    """
+    settings = settings.get_dict()
+    config_types = settings['config_types']
+    atoms_list, sources = [], []
+    for index, config_type in enumerate(config_types):
+        prefix = frame_link_prefix(index)
+        structure = frames[f'{prefix}_structure']
+        parameters = frames[f'{prefix}_parameters']
+        trajectory = frames[f'{prefix}_trajectory']
+        atoms = structure.get_ase()
+        atoms.info['REF_energy'] = float(parameters['energy'])
+        atoms.info['config_type'] = config_type
+        if 'forces' in trajectory.get_arraynames():
+            atoms.arrays['REF_forces'] = trajectory.get_array('forces')[-1]
+        if config_type != ISOLATED_ATOM and 'stress' in trajectory.get_arraynames():
+            atoms.info['REF_stress'] = -trajectory.get_array('stress')[-1] * GPA_TO_EV_PER_A3
+        atoms_list.append(atoms)
+        sources.append(parameters.creator.uuid)
+    return TrainingSet.from_ase(atoms_list, fingerprint=settings['fingerprint'], sources=sources)
+
+
+def split_indices(n_frames: int, fractions: dict, seed: int, groups=None, always_train=()) -> dict:
+    """Seeded assignment of frame indices to splits.
+
+    With ``groups`` (one key per frame, e.g. config_type or composition) whole groups go to one split, so
+    no group leaks between training and test; groups are shuffled and filled in the order train, valid, test.
+    ``always_train`` indices (IsolatedAtom frames: they define E0, they are not test data) go to train.
+    """
+    names = [name for name in SPLIT_NAMES if fractions.get(name, 0) > 0]
+    total = sum(fractions[name] for name in names)
+    if not names or abs(total - 1.0) > 1e-6:
+        raise ValueError(f'split fractions must be positive and sum to 1, got {fractions}')
+    rng = np.random.default_rng(seed)
+    always_train = set(always_train)
+    candidates = [i for i in range(n_frames) if i not in always_train]
+    units = [[i] for i in candidates]
+    if groups is not None:
+        keys = sorted({groups[i] for i in candidates})
+        units = [[i for i in candidates if groups[i] == key] for key in keys]
+    order = rng.permutation(len(units))
+    result = {name: [] for name in names}
+    targets = np.cumsum([fractions[name] for name in names]) * len(candidates)
+    assigned = 0
+    for position in order:
+        name = next((n for n, t in zip(names, targets) if assigned < t - 1e-9), names[-1])
+        result[name].extend(units[position])
+        assigned += len(units[position])
+    result.setdefault('train', []).extend(sorted(always_train))
+    return {name: sorted(indices) for name, indices in result.items()}
+
+
+@calcfunction
+def split_dataset(dataset: TrainingSet, fractions: orm.Dict, seed: orm.Int, group_by: orm.Str = None) -> dict:
+    """Seeded split of a dataset into ``train``/``valid``/``test`` datasets (see :func:`split_indices`)."""
+    config = dataset.get_arrays()['config_type']
+    groups = None
+    if group_by is not None:
+        if group_by.value == 'config_type':
+            groups = list(config)
+        elif group_by.value == 'composition':
+            groups = [frame.get_chemical_formula(mode='reduce') for frame in dataset.to_ase()]
+        else:
+            raise ValueError(f'group_by must be `config_type` or `composition`, got `{group_by.value}`')
+    isolated = [i for i, c in enumerate(config) if c == ISOLATED_ATOM]
+    indices = split_indices(len(dataset), fractions.get_dict(), seed.value, groups, always_train=isolated)
+    empty = [name for name, chosen in indices.items() if not chosen]
+    if empty:
+        raise ValueError(f'split {empty} would be empty: {len(dataset)} frames are too few for {fractions.get_dict()}')
+    return {name: dataset.subset(chosen) for name, chosen in indices.items()}
+
+
+@calcfunction
+def merge_datasets(force: orm.Bool = None, **datasets) -> TrainingSet:
+    """Concatenate datasets; refuses ones labeled with different DFT settings unless ``force`` is True."""
+    nodes = [datasets[key] for key in sorted(datasets)]
+    if not nodes:
+        raise ValueError('nothing to merge')
+    reference = nodes[0].fingerprint
+    for key, node in zip(sorted(datasets), nodes):
+        differences = fingerprint_differences(reference, node.fingerprint)
+        if differences and not (force is not None and force.value):
+            raise ValueError(
+                f'dataset `{key}` was labeled with other DFT settings ({"; ".join(differences)}); '
+                'mixing them corrupts training: relabel, or pass force=True'
+            )
+    fingerprint = dict(reference)
+    fingerprint['pseudos'] = {k: v for node in nodes for k, v in (node.fingerprint.get('pseudos') or {}).items()}
+    if any(fingerprint_differences(reference, node.fingerprint) for node in nodes):
+        fingerprint['mixed'] = [node.fingerprint for node in nodes]
+    arrays = concatenate_arrays([node.get_arrays() for node in nodes])
+    sources = [source for node in nodes for source in node.source_uuids]
+    return TrainingSet(arrays=arrays, fingerprint=fingerprint, sources=sources)

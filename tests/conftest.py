@@ -1,0 +1,83 @@
+"""Shared fixtures: a temporary AiiDA profile (aiida-core's fixtures), the real pw.x, a local PBE family, Si cells."""
+import os
+import shutil
+
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import pytest  # noqa: E402
+
+pytest_plugins = ['aiida.tools.pytest_fixtures']
+
+#: Low-cost DFT for tests (DESIGN.md: ~20 Ry, coarse k, loose conv_thr); production protocols stay converged.
+TEST_PW_OVERRIDES = {
+    'kpoints_distance': 0.6,
+    'pw': {'parameters': {'SYSTEM': {'ecutwfc': 20.0, 'ecutrho': 160.0}}},
+}
+TEST_FAMILY = 'PBE-test'
+
+
+def pw_available() -> bool:
+    return shutil.which('pw.x') is not None
+
+
+def require_pw():
+    """pw.x is part of the test environment: CI fails without it, a developer machine skips with the reason."""
+    if not pw_available():
+        if os.environ.get('CI'):
+            pytest.fail('pw.x is not installed: .ci/run must install the Debian package quantum-espresso')
+        pytest.skip('pw.x not found: apt-get install quantum-espresso quantum-espresso-data')
+
+
+@pytest.fixture(scope='session')
+def localhost(aiida_profile):
+    from aiida_mlip.setup.environment import ensure_localhost
+
+    return ensure_localhost()
+
+
+@pytest.fixture(scope='session')
+def pw_code(localhost):
+    require_pw()
+    from aiida_mlip.setup.environment import ensure_pw_code
+
+    return ensure_pw_code(localhost)
+
+
+@pytest.fixture(scope='session')
+def pseudo_family(aiida_profile):
+    """A PBE family built from the Debian quantum-espresso-data folders (the real offline source)."""
+    from aiida_mlip.setup.pseudos import DEFAULT_PSEUDO_DIRS, install_family, scan_upf_files, select_pseudos
+
+    dirs = [d for d in DEFAULT_PSEUDO_DIRS if d.is_dir()]
+    if not dirs:
+        if os.environ.get('CI'):
+            pytest.fail('quantum-espresso-data is not installed')
+        pytest.skip('no pseudopotential folder: apt-get install quantum-espresso-data')
+    family, _ = install_family(TEST_FAMILY, select_pseudos(scan_upf_files(dirs), 'PBE'), 'PBE')
+    return family
+
+
+@pytest.fixture
+def si2():
+    """Primitive diamond Si, compressed to 97% of a = 5.43 Å so that its stress is clearly non-zero."""
+    from aiida import orm
+    from ase.build import bulk
+
+    atoms = bulk('Si', 'diamond', a=5.43 * 0.97)
+    return orm.StructureData(ase=atoms)
+
+
+@pytest.fixture
+def si8():
+    """Conventional diamond Si cell (8 atoms)."""
+    from aiida import orm
+    from ase.build import bulk
+
+    return orm.StructureData(ase=bulk('Si', 'diamond', a=5.43, cubic=True))
+
+
+def count_calcjobs() -> int:
+    from aiida import orm
+
+    return orm.QueryBuilder().append(orm.CalcJobNode).count()
