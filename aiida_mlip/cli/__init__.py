@@ -1,0 +1,8 @@
+"""The ``aiida-mlip`` console script (click, following ``verdi``'s conventions: ``-p/--profile``, exit code 2 on bad input).
+
+Each command group lives in its own module and is attached here.
+"""
+from aiida_mlip.cli.root import cli
+from aiida_mlip.cli import setup as _setup  # noqa: F401  (registers `setup`)
+
+__all__ = ('cli',)

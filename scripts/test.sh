@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# One command on a fresh machine: install everything and run the test suite (real pw.x, real MACE training).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export AIIDA_PATH="$PWD/.aiida-test" OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
+mkdir -p "$AIIDA_PATH"
+exec .venv/bin/python -m pytest "$@"
