@@ -120,3 +120,37 @@ def merge_datasets(force: orm.Bool = None, **datasets) -> TrainingSet:
     arrays = concatenate_arrays([node.get_arrays() for node in nodes])
     sources = [source for node in nodes for source in node.source_uuids]
     return TrainingSet(arrays=arrays, fingerprint=fingerprint, sources=sources)
+
+
+@calcfunction
+def predictions_to_dataset(energies: orm.ArrayData, forces: orm.ArrayData, stresses: orm.ArrayData = None,
+                           **structures) -> TrainingSet:
+    """MLIP predictions (committee mean) of ``structures`` as an ``mlip.dataset``, like a DFT-labeled one.
+
+    The rows of the arrays follow the sorted keys of ``structures`` (the order MlipEvaluateCalculation
+    writes them). The source of every frame is the evaluation calculation; the fingerprint names the models.
+    """
+    keys = sorted(structures)
+    n_atoms = energies.get_array('n_atoms')
+    offsets = np.concatenate([[0], np.cumsum(n_atoms)])
+    energy = energies.get_array('energy_mean')
+    force = forces.get_array('forces_mean')
+    stress = stresses.get_array('stress_mean') if stresses is not None else None
+    if len(keys) != len(energy):
+        raise ValueError(f'{len(energy)} predictions for {len(keys)} structures')
+    atoms_list = []
+    for index, key in enumerate(keys):
+        atoms = structures[key].get_ase()
+        if len(atoms) != n_atoms[index]:
+            raise ValueError(f'structure `{key}` has {len(atoms)} atoms, the prediction {n_atoms[index]}')
+        atoms.info['REF_energy'] = float(energy[index])
+        atoms.arrays['REF_forces'] = force[offsets[index]:offsets[index + 1]]
+        if stress is not None and all(atoms.pbc):
+            atoms.info['REF_stress'] = stress[index]
+        atoms.info['config_type'] = 'prediction'
+        atoms_list.append(atoms)
+    calculation = energies.creator
+    models = sorted(link.node.uuid for link in calculation.base.links.get_incoming().all()
+                    if link.link_label.startswith('models'))
+    fingerprint = {'engine': 'mlip', 'models': models, 'calculation': calculation.uuid}
+    return TrainingSet.from_ase(atoms_list, fingerprint=fingerprint, sources=[calculation.uuid] * len(atoms_list))

@@ -1,0 +1,84 @@
+"""``mlip.eos``: energy-volume scan and Birch-Murnaghan fit, with the DFT or the MLIP engine."""
+from __future__ import annotations
+
+import numpy as np
+from aiida import orm
+from aiida.engine import ToContext, WorkChain, calcfunction
+
+from aiida_mlip.analysis.eos import MIN_EOS_POINTS, fit_birch_murnaghan
+from aiida_mlip.calculations.sampling import scale_volume
+from aiida_mlip.workflows.checks import structure_problem
+from aiida_mlip.workflows.properties.engine import EngineMixin, validate_engine
+
+
+@calcfunction
+def fit_equation_of_state(frames) -> dict:
+    """Birch-Murnaghan fit of the evaluated volume scan; volumes and energies per atom.
+
+    Returns ``eos`` (Dict: v0 Å³/atom, e0 eV/atom, b0 GPa, b0_prime, residual_rms eV/atom) and
+    ``curve`` (ArrayData: volumes, energies per atom).
+    """
+    atoms_list = frames.to_ase()
+    n_atoms = len(atoms_list[0])
+    volumes = np.array([atoms.get_volume() / n_atoms for atoms in atoms_list])
+    energies = np.array([atoms.info['REF_energy'] / n_atoms for atoms in atoms_list])
+    order = np.argsort(volumes)
+    fit = fit_birch_murnaghan(volumes[order], energies[order])
+    curve = orm.ArrayData()
+    curve.set_array('volumes', volumes[order])
+    curve.set_array('energies', energies[order])
+    return {'eos': orm.Dict({key: float(value) for key, value in fit.items()}), 'curve': curve}
+
+
+def validate_inputs(inputs, ctx):
+    problem = validate_engine(inputs, ctx)
+    if problem:
+        return problem
+    span, points = inputs['volume_range'].value, inputs['n_points'].value
+    if not 0 < span < 0.5:
+        return f'volume_range must lie in (0, 0.5), got {span}: it is the relative half-width of the scan'
+    if points < MIN_EOS_POINTS:
+        return f'n_points must be at least {MIN_EOS_POINTS} for a 4-parameter Birch-Murnaghan fit, got {points}'
+    return structure_problem('structure', inputs['structure'])
+
+
+class EquationOfStateWorkChain(EngineMixin, WorkChain):
+    """Scan the volume of a structure (isotropically) and fit the 3rd-order Birch-Murnaghan EOS."""
+
+    @classmethod
+    def define(cls, spec):
+        super().define(spec)
+        spec.input('structure', valid_type=orm.StructureData, help='The structure at (about) its equilibrium.')
+        spec.input('volume_range', valid_type=orm.Float, default=lambda: orm.Float(0.06),
+                   help='Relative half-width of the volume scan: V0*(1-r) ... V0*(1+r) (DOMAIN.md: 6-10%).')
+        spec.input('n_points', valid_type=orm.Int, default=lambda: orm.Int(7), help='Number of volumes (>= 5).')
+        cls.define_engine(spec)
+        spec.inputs.validator = validate_inputs
+        spec.outline(cls.run_scan, cls.fit, cls.results)
+        spec.output('eos', valid_type=orm.Dict, help='v0 (Å³/atom), e0 (eV/atom), b0 (GPa), b0_prime, residual.')
+        spec.output('curve', valid_type=orm.ArrayData, help='Volumes (Å³/atom) and energies (eV/atom) of the scan.')
+        spec.output('frames', valid_type=orm.Data, help='The evaluated cells as an `mlip.dataset`.')
+        spec.exit_code(510, 'ERROR_FIT_FAILED', message='The Birch-Murnaghan fit failed: {reason}')
+
+    def run_scan(self):
+        span, points = self.inputs.volume_range.value, self.inputs.n_points.value
+        strains = orm.List([float(s) for s in np.linspace(-span, span, points)])
+        self.ctx.structures = dict(scale_volume(self.inputs.structure, strains))
+        return ToContext(scan=self.submit_engine(self.ctx.structures, 'volume_scan'))
+
+    def fit(self):
+        frames, failure = self.engine_frames(self.ctx.scan, self.ctx.structures)
+        if failure:
+            return failure
+        self.out('frames', frames)
+        try:
+            fitted = fit_equation_of_state(frames)
+        except ValueError as exception:
+            return self.exit_codes.ERROR_FIT_FAILED.format(reason=str(exception))
+        self.out('eos', fitted['eos'])
+        self.out('curve', fitted['curve'])
+        return None
+
+    def results(self):
+        eos = self.outputs['eos']
+        self.report(f'{self.engine}: V0 = {eos["v0"]:.3f} Å³/atom, B0 = {eos["b0_gpa"]:.1f} GPa')
