@@ -1,0 +1,70 @@
+"""TrainingWorkChain: seeded split, a committee of 2 real MACE models, scored on the test split by one job."""
+import numpy as np
+import pytest
+from aiida import engine, orm
+
+from aiida_mlip.workflows.training import TrainingWorkChain
+
+from .fixtures_mlip import mlip_codes, si_dataset  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.pw, pytest.mark.mace]
+
+
+@pytest.fixture(scope='module')
+def committee(mlip_codes, si_dataset):  # noqa: F811
+    builder = TrainingWorkChain.get_builder_from_protocol(
+        mlip_codes['mace_train'], si_dataset, protocol='fast',
+        overrides={'committee_size': 2, 'split_fractions': {'train': 0.7, 'valid': 0.15, 'test': 0.15},
+                   'mace': {'max_num_epochs': 8}},
+        evaluate_code=mlip_codes['evaluate'],
+    )
+    return engine.run_get_node(builder)
+
+
+def test_committee_trains_and_is_scored(committee):
+    results, node = committee
+    assert node.is_finished_ok, node.exit_message
+    models = results['models']
+    assert sorted(models) == ['member_0', 'member_1']
+    assert models['member_0'].sha256 != models['member_1'].sha256  # different seeds, different weights
+    metrics = results['test_metrics'].get_dict()
+    assert metrics['n_frames'] == results['split']['test'].n_frames
+    for key in ('energy_per_atom_mev', 'forces_mev_per_a'):
+        assert np.isfinite(metrics[key]['rmse']) and metrics[key]['rmse'] > 0
+    assert len(metrics['members']) == 2
+    assert metrics['committee']['mean_max_force_deviation'] > 0
+    assert np.isfinite(metrics['committee']['mean_max_force_deviation'])
+
+
+def test_split_is_seeded_and_keeps_isolated_atoms_in_train(committee, si_dataset):  # noqa: F811
+    split = committee[0]['split']
+    assert sum(split[name].n_frames for name in split) == si_dataset.n_frames
+    assert split['train'].config_types.get('IsolatedAtom') == 1
+    members = [node for node in committee[1].called if node.process_label == 'MaceTrainBaseWorkChain']
+    seeds = sorted(m.inputs.mace.parameters['seed'] for m in members)
+    assert seeds == [1, 2]
+
+
+def test_model_lineage_reaches_every_pw_calculation(committee, si_dataset):  # noqa: F811
+    model = committee[0]['models']['member_0']
+    training = model.creator
+    assert training.process_type == 'aiida.calculations:mlip.mace_train'
+    train = training.inputs.train
+    assert train.creator.process_label == 'split_dataset'
+    assert train.creator.inputs.dataset.uuid == si_dataset.uuid
+    for uuid in train.source_uuids:
+        assert orm.load_node(uuid).process_type == 'aiida.calculations:quantumespresso.pw'
+
+
+def test_bad_committee_size_is_refused(mlip_codes, si_dataset):  # noqa: F811
+    builder = TrainingWorkChain.get_builder_from_protocol(mlip_codes['mace_train'], si_dataset, protocol='fast')
+    builder.committee_size = orm.Int(0)
+    with pytest.raises(ValueError, match='committee_size must be >= 1'):
+        engine.run(builder)
+
+
+def test_unknown_mace_option_is_refused_before_training(mlip_codes, si_dataset):  # noqa: F811
+    with pytest.raises(ValueError, match='num_chanels'):
+        builder = TrainingWorkChain.get_builder_from_protocol(
+            mlip_codes['mace_train'], si_dataset, protocol='fast', overrides={'mace': {'num_chanels': 8}})
+        engine.run(builder)
