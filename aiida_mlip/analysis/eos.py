@@ -115,3 +115,19 @@ def fit_birch_murnaghan(volumes, energies) -> dict:
         'b0_prime': float(bp),
         'residual_rms': float(np.sqrt(np.mean(residual**2))),
     }
+
+
+def suggest_scan_centre(volumes, energies) -> float:
+    """Volume to centre a new scan on when the minimum was not bracketed.
+
+    The vertex of a parabola through the data when it curves upwards; otherwise (no minimum in sight) the
+    sampled volume of lowest energy, so the next scan moves towards it.
+    """
+    vol = np.asarray(volumes, dtype=float).ravel()
+    ene = np.asarray(energies, dtype=float).ravel()
+    if vol.size < 3 or vol.size != ene.size:
+        raise ValueError(f'need at least 3 (V, E) points, got {vol.size} volumes and {ene.size} energies')
+    a, b, _ = np.polyfit(vol, ene, 2)
+    if a > 0:
+        return float(-b / (2.0 * a))
+    return float(vol[np.argmin(ene)])

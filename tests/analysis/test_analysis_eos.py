@@ -76,3 +76,14 @@ def test_fit_rejects_minimum_outside_range():
 def test_fit_bad_input(volumes, energies, match):
     with pytest.raises(ValueError, match=match):
         fit_birch_murnaghan(volumes, energies)
+
+
+def test_suggest_scan_centre_finds_an_unbracketed_minimum():
+    from aiida_mlip.analysis.eos import birch_murnaghan_energy, suggest_scan_centre
+
+    volumes = np.linspace(42.0, 48.0, 5)  # the minimum (40.9) lies below the scan
+    energies = birch_murnaghan_energy(volumes, -10.0, 40.9, 0.55, 4.2)
+    centre = suggest_scan_centre(volumes, energies)
+    assert centre < 42.0  # points the next scan towards smaller volumes
+    assert abs(centre - 40.9) < 2.0
+    assert suggest_scan_centre([1.0, 2.0, 3.0], [3.0, 2.5, 1.0]) == 3.0  # concave data: lowest sampled volume

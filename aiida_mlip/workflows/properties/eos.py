@@ -1,14 +1,27 @@
-"""``mlip.eos``: energy-volume scan and Birch-Murnaghan fit, with the DFT or the MLIP engine."""
+"""``mlip.eos``: energy-volume scan and Birch-Murnaghan fit, with the DFT or the MLIP engine.
+
+When the minimum is not bracketed by the scan (a model far from DFT, or a structure far from equilibrium),
+the scan is re-centred on the suggested minimum and repeated, up to ``max_recentring`` times.
+"""
 from __future__ import annotations
 
 import numpy as np
 from aiida import orm
-from aiida.engine import ToContext, WorkChain, calcfunction
+from aiida.engine import ToContext, WorkChain, calcfunction, while_
 
-from aiida_mlip.analysis.eos import MIN_EOS_POINTS, fit_birch_murnaghan
-from aiida_mlip.calculations.sampling import scale_volume
+from aiida_mlip.analysis.eos import MIN_EOS_POINTS, fit_birch_murnaghan, suggest_scan_centre
+from aiida_mlip.calculations.sampling import scale_volume, volume_scaled_copies
 from aiida_mlip.workflows.checks import structure_problem
 from aiida_mlip.workflows.properties.engine import EngineMixin, validate_engine
+
+
+def _volumes_energies(frames):
+    """Volumes (Å³/atom) and energies (eV/atom) of evaluated frames, sorted by volume."""
+    atoms_list = frames.to_ase()
+    volumes = np.array([atoms.get_volume() / len(atoms) for atoms in atoms_list])
+    energies = np.array([atoms.info['REF_energy'] / len(atoms) for atoms in atoms_list])
+    order = np.argsort(volumes)
+    return volumes[order], energies[order]
 
 
 @calcfunction
@@ -18,16 +31,21 @@ def fit_equation_of_state(frames) -> dict:
     Returns ``eos`` (Dict: v0 Å³/atom, e0 eV/atom, b0 GPa, b0_prime, residual_rms eV/atom) and
     ``curve`` (ArrayData: volumes, energies per atom).
     """
-    atoms_list = frames.to_ase()
-    n_atoms = len(atoms_list[0])
-    volumes = np.array([atoms.get_volume() / n_atoms for atoms in atoms_list])
-    energies = np.array([atoms.info['REF_energy'] / n_atoms for atoms in atoms_list])
-    order = np.argsort(volumes)
-    fit = fit_birch_murnaghan(volumes[order], energies[order])
+    volumes, energies = _volumes_energies(frames)
+    fit = fit_birch_murnaghan(volumes, energies)
     curve = orm.ArrayData()
-    curve.set_array('volumes', volumes[order])
-    curve.set_array('energies', energies[order])
+    curve.set_array('volumes', volumes)
+    curve.set_array('energies', energies)
     return {'eos': orm.Dict({key: float(value) for key, value in fit.items()}), 'curve': curve}
+
+
+@calcfunction
+def recentre_structure(structure: orm.StructureData, frames) -> orm.StructureData:
+    """``structure`` scaled isotropically to the volume where the evaluated scan suggests the minimum."""
+    volumes, energies = _volumes_energies(frames)
+    target = suggest_scan_centre(volumes, energies) * len(structure.sites)
+    atoms = structure.get_ase()
+    return orm.StructureData(ase=volume_scaled_copies(atoms, [target / atoms.get_volume() - 1.0])[0])
 
 
 def validate_inputs(inputs, ctx):
@@ -52,29 +70,45 @@ class EquationOfStateWorkChain(EngineMixin, WorkChain):
         spec.input('volume_range', valid_type=orm.Float, default=lambda: orm.Float(0.06),
                    help='Relative half-width of the volume scan: V0*(1-r) ... V0*(1+r) (DOMAIN.md: 6-10%).')
         spec.input('n_points', valid_type=orm.Int, default=lambda: orm.Int(7), help='Number of volumes (>= 5).')
+        spec.input('max_recentring', valid_type=orm.Int, default=lambda: orm.Int(2),
+                   help='How often the scan may be re-centred when its minimum is not bracketed.')
         cls.define_engine(spec)
         spec.inputs.validator = validate_inputs
-        spec.outline(cls.run_scan, cls.fit, cls.results)
+        spec.outline(cls.setup, while_(cls.should_scan)(cls.run_scan, cls.fit), cls.results)
         spec.output('eos', valid_type=orm.Dict, help='v0 (Å³/atom), e0 (eV/atom), b0 (GPa), b0_prime, residual.')
         spec.output('curve', valid_type=orm.ArrayData, help='Volumes (Å³/atom) and energies (eV/atom) of the scan.')
-        spec.output('frames', valid_type=orm.Data, help='The evaluated cells as an `mlip.dataset`.')
+        spec.output('frames', valid_type=orm.Data, help='The evaluated cells of the final scan (`mlip.dataset`).')
         spec.exit_code(510, 'ERROR_FIT_FAILED', message='The Birch-Murnaghan fit failed: {reason}')
+
+    def setup(self):
+        self.ctx.centre = self.inputs.structure
+        self.ctx.scans = 0
+        self.ctx.done = False
+
+    def should_scan(self):
+        return not self.ctx.done
 
     def run_scan(self):
         span, points = self.inputs.volume_range.value, self.inputs.n_points.value
         strains = orm.List([float(s) for s in np.linspace(-span, span, points)])
-        self.ctx.structures = dict(scale_volume(self.inputs.structure, strains))
-        return ToContext(scan=self.submit_engine(self.ctx.structures, 'volume_scan'))
+        self.ctx.structures = dict(scale_volume(self.ctx.centre, strains))
+        self.ctx.scans += 1
+        return ToContext(scan=self.submit_engine(self.ctx.structures, f'volume_scan_{self.ctx.scans}'))
 
     def fit(self):
         frames, failure = self.engine_frames(self.ctx.scan, self.ctx.structures)
         if failure:
             return failure
-        self.out('frames', frames)
         try:
             fitted = fit_equation_of_state(frames)
         except ValueError as exception:
-            return self.exit_codes.ERROR_FIT_FAILED.format(reason=str(exception))
+            if self.ctx.scans > self.inputs.max_recentring.value:
+                return self.exit_codes.ERROR_FIT_FAILED.format(reason=str(exception))
+            self.report(f'{exception}: re-centring the scan')
+            self.ctx.centre = recentre_structure(self.ctx.centre, frames)
+            return None
+        self.ctx.done = True
+        self.out('frames', frames)
         self.out('eos', fitted['eos'])
         self.out('curve', fitted['curve'])
         return None

@@ -1,0 +1,252 @@
+"""``mlip.validation``: the same property workflows with the MLIP and with DFT, compared and judged.
+
+For every chosen property (EOS, elastic tensor, phonons) the property WorkChain runs once with the ``mlip``
+engine and once with the ``dft`` engine, unless the DFT result is given as ``reference`` (e.g. the ``dft``
+outputs of an earlier validation: DFT is the expensive part, compute it once). With caching enabled for
+``quantumespresso.pw`` a rerun reuses identical pw.x runs anyway.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from aiida import orm
+from aiida.common import AttributeDict
+from aiida.engine import ToContext, WorkChain, calcfunction
+from aiida.plugins import CalculationFactory, WorkflowFactory
+
+from aiida_mlip.analysis.validation import compare_elastic_results, compare_eos, compare_phonons, verdict
+from aiida_mlip.protocols import ProtocolMixin
+from aiida_mlip.workflows.labeling import DftLabelingWorkChain
+
+MlipEvaluateCalculation = CalculationFactory('mlip.evaluate')
+PROPERTY_WORKFLOWS = {
+    'eos': WorkflowFactory('mlip.eos'),
+    'elastic': WorkflowFactory('mlip.elastic'),
+    'phonons': WorkflowFactory('mlip.phonons'),
+}
+#: Per property: the outputs compared and passed as ``reference`` (reference port name -> workflow output).
+REFERENCE_OUTPUTS = {
+    'eos': {'eos': 'eos', 'eos_curve': 'curve'},
+    'elastic': {'elastic': 'elastic'},
+    'phonons': {'phonon_bands': 'band_structure', 'phonon_dos': 'dos', 'phonon_summary': 'phonon_summary'},
+}
+
+
+def bands_arrays(bands: orm.BandsData):
+    """(path distances, frequencies (n_q, n_branches), [(distance, label)]) of a BandsData."""
+    frequencies = bands.get_bands()
+    try:
+        kpoints = bands.get_kpoints(cartesian=True)
+    except AttributeError:
+        kpoints = bands.get_kpoints()
+    steps = np.linalg.norm(np.diff(kpoints, axis=0), axis=1)
+    distances = np.concatenate([[0.0], np.cumsum(steps)])
+    ticks = [(float(distances[index]), label) for index, label in (bands.labels or [])]
+    return distances, frequencies, ticks
+
+
+def _png_node(content: bytes, filename: str) -> orm.SinglefileData:
+    return orm.SinglefileData(io.BytesIO(content), filename=filename)
+
+
+@calcfunction
+def compare_properties(thresholds: orm.Dict, model_failures: orm.Dict, **results) -> orm.Dict:
+    """Model vs DFT errors per property and the pass/fail verdict; ``results`` are ``mlip_*``/``dft_*`` nodes.
+
+    ``model_failures`` maps a property the model could not produce (e.g. no EOS minimum) to the reason: a
+    failed check, not a crash.
+    """
+    comparison = {name: {'model_failed': reason} for name, reason in model_failures.get_dict().items()}
+    if 'mlip_eos' in results and 'dft_eos' in results:
+        comparison['eos'] = compare_eos(results['mlip_eos'].get_dict(), results['dft_eos'].get_dict())
+    if 'mlip_elastic' in results and 'dft_elastic' in results:
+        comparison['elastic'] = compare_elastic_results(results['mlip_elastic'].get_dict(),
+                                                        results['dft_elastic'].get_dict())
+    if 'mlip_phonon_bands' in results and 'dft_phonon_bands' in results:
+        dos = {engine: (results[f'{engine}_phonon_dos'].get_x()[1], results[f'{engine}_phonon_dos'].get_y()[0][1])
+               for engine in ('mlip', 'dft') if f'{engine}_phonon_dos' in results}
+        summaries = {engine: results[f'{engine}_phonon_summary'].get_dict()
+                     for engine in ('mlip', 'dft') if f'{engine}_phonon_summary' in results}
+        comparison['phonons'] = compare_phonons(
+            results['mlip_phonon_bands'].get_bands(), results['dft_phonon_bands'].get_bands(),
+            dos.get('mlip'), dos.get('dft'), summaries.get('mlip'), summaries.get('dft'))
+    comparison['verdict'] = verdict(comparison, thresholds.get_dict())
+    return orm.Dict(_jsonable(comparison))
+
+
+@calcfunction
+def validation_figures(**results) -> dict:
+    """PNG figures as nodes: EOS overlay, phonon band overlay, Cij parity (where both engines have the data)."""
+    from aiida_mlip.report import figures
+
+    outputs = {}
+    if 'mlip_eos_curve' in results and 'dft_eos_curve' in results:
+        curves = {engine: (results[f'{engine}_eos_curve'].get_array('volumes'),
+                           results[f'{engine}_eos_curve'].get_array('energies')) for engine in ('dft', 'mlip')}
+        fits = {engine: results[f'{engine}_eos'].get_dict() for engine in ('dft', 'mlip')}
+        outputs['eos_overlay'] = _png_node(figures.eos_overlay(curves, fits), 'eos_overlay.png')
+    if 'mlip_phonon_bands' in results and 'dft_phonon_bands' in results:
+        distances, dft_bands, ticks = bands_arrays(results['dft_phonon_bands'])
+        bands = {'dft': dft_bands, 'mlip': results['mlip_phonon_bands'].get_bands()}
+        outputs['phonon_bands'] = _png_node(figures.band_overlay(distances, bands, ticks), 'phonon_bands.png')
+    if 'mlip_elastic' in results and 'dft_elastic' in results:
+        reference = np.array(results['dft_elastic']['elastic_tensor_gpa'])
+        model = np.array(results['mlip_elastic']['elastic_tensor_gpa'])
+        mask = np.abs(reference) > 1.0  # the non-zero constants
+        outputs['cij_parity'] = _png_node(figures.parity(reference[mask], model[mask], 'Cij', 'GPa'),
+                                          'cij_parity.png')
+    return outputs
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def validate_inputs(inputs, _):
+    properties = inputs['properties'].get_list()
+    unknown = set(properties) - set(PROPERTY_WORKFLOWS)
+    if unknown or not properties:
+        return f'properties must be a non-empty subset of {sorted(PROPERTY_WORKFLOWS)}, got {properties}'
+    reference = inputs.get('reference', {})
+    missing = [p for p in properties if not all(port in reference for port in REFERENCE_OUTPUTS[p])]
+    if missing and not inputs.get('dft'):
+        return f'no DFT engine (`dft`) and no complete `reference` for {missing}'
+    if not inputs.get('mlip'):
+        return 'the `mlip` engine (model(s) and code) is required'
+    return None
+
+
+class ValidationWorkChain(ProtocolMixin, WorkChain):
+    """Validate a model against DFT on equation of state, elastic tensor and phonons of one structure."""
+
+    _protocol_name = 'validation'
+
+    @classmethod
+    def define(cls, spec):
+        super().define(spec)
+        spec.input('structure', valid_type=orm.StructureData, help='The (relaxed) structure to validate on.')
+        spec.input('properties', valid_type=orm.List, default=lambda: orm.List(['eos', 'elastic', 'phonons']),
+                   help='Which properties to compare: any of eos, elastic, phonons.')
+        spec.input('thresholds', valid_type=orm.Dict,
+                   help='Pass/fail limits: v0_error_percent, b0_error_percent, elastic_error_percent, '
+                        'phonon_mae_thz, dos_spearman (docs/validation.md gives their sources).')
+        spec.expose_inputs(MlipEvaluateCalculation, namespace='mlip', exclude=('structures', 'dataset'),
+                           namespace_options={'required': False, 'populate_defaults': False,
+                                              'help': 'The model (or committee) and the evaluation code.'})
+        spec.expose_inputs(DftLabelingWorkChain, namespace='dft',
+                           exclude=('structures', 'config_types', 'isolated_atoms'),
+                           namespace_options={'required': False, 'populate_defaults': False,
+                                              'help': 'DFT engine; not needed for properties given in `reference`.'})
+        spec.input_namespace('reference', required=False, populate_defaults=False,
+                             help='DFT results of an earlier run (its `dft` outputs): skips those DFT calculations.')
+        for ports in REFERENCE_OUTPUTS.values():
+            for port in ports:
+                spec.input(f'reference.{port}', valid_type=orm.Data, required=False)
+        for name, workflow in PROPERTY_WORKFLOWS.items():
+            spec.expose_inputs(workflow, namespace=name, exclude=('structure', 'dft', 'mlip'),
+                               namespace_options={'required': False, 'populate_defaults': True,
+                                                  'help': f'Settings of the {name} workflow.'})
+            spec.inputs[name].validator = None  # the engine is added at launch, where the workflow validates
+        spec.inputs.validator = validate_inputs
+        spec.outline(cls.run_properties, cls.inspect_properties, cls.compare)
+        for engine in ('mlip', 'dft'):
+            for ports in REFERENCE_OUTPUTS.values():
+                for port in ports:
+                    spec.output(f'{engine}.{port}', valid_type=orm.Data, required=False)
+        spec.output('comparison', valid_type=orm.Dict, help='Errors per property and the verdict (passed, failed).')
+        spec.output_namespace('figures', valid_type=orm.SinglefileData, dynamic=True, help='PNG figures.')
+        spec.exit_code(420, 'ERROR_PROPERTY_FAILED', message='Property workflows failed: {failed}')
+
+    @classmethod
+    def get_builder_from_protocol(cls, evaluate_code, models, structure, protocol=None, overrides=None,
+                                  pw_code=None, pseudo_family=None, dft_overrides=None, **kwargs):
+        """Builder validating ``models`` (an MlipModel, or a dict of them for a committee) on ``structure``.
+
+        :param pw_code: the pw.x code of the DFT engine (omit when all DFT results come as ``reference``).
+        :param dft_overrides: overrides of ``DftLabelingWorkChain.get_builder_from_protocol`` (e.g. ``pw_base``).
+        """
+        inputs = cls.get_protocol_inputs(protocol, overrides)
+        builder = cls.get_builder()
+        builder.structure = structure
+        builder.properties = orm.List(inputs['properties'])
+        builder.thresholds = orm.Dict(inputs['thresholds'])
+        builder.mlip.code = orm.load_code(evaluate_code) if isinstance(evaluate_code, str) else evaluate_code
+        builder.mlip.models = models if isinstance(models, dict) else {'model': models}
+        builder.mlip.metadata = {'options': {'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 1}}}
+        for name in PROPERTY_WORKFLOWS:
+            for key, value in inputs.get(name, {}).items():
+                builder[name][key] = orm.List(value) if isinstance(value, list) else (
+                    orm.Float(value) if isinstance(value, float) else orm.Int(value))
+        if pw_code is not None:
+            dft = DftLabelingWorkChain.get_builder_from_protocol(
+                pw_code, [structure], protocol=protocol, pseudo_family=pseudo_family, overrides=dft_overrides,
+                **kwargs)
+            inputs_dft = dft._inputs(prune=True)  # noqa: SLF001  (a nested builder is reused as a namespace)
+            for key in ('structures', 'isolated_atoms', 'config_types'):
+                inputs_dft.pop(key, None)
+            builder.dft = inputs_dft
+        return builder
+
+    def _needs_dft(self, name: str) -> bool:
+        reference = self.inputs.get('reference', {})
+        return not all(port in reference for port in REFERENCE_OUTPUTS[name])
+
+    def run_properties(self):
+        """Every property with the MLIP engine, and with DFT where no reference was given; all concurrently."""
+        futures = {}
+        for name in self.inputs.properties.get_list():
+            workflow = PROPERTY_WORKFLOWS[name]
+            engines = ['mlip'] + (['dft'] if self._needs_dft(name) else [])
+            for engine in engines:
+                inputs = AttributeDict(self.exposed_inputs(workflow, namespace=name))
+                inputs.structure = self.inputs.structure
+                inputs[engine] = self.inputs[engine]
+                inputs.metadata = {'call_link_label': f'{name}_{engine}'}
+                futures[f'{name}_{engine}'] = self.submit(workflow, **inputs)
+                self.report(f'launched {workflow.__name__}<{futures[f"{name}_{engine}"].pk}> ({engine})')
+        return ToContext(**futures)
+
+    def inspect_properties(self):
+        """Collect each engine's results (from the runs or the reference) under ``mlip.*`` and ``dft.*``."""
+        self.ctx.results, failed, self.ctx.model_failures = {}, [], {}
+        for name in self.inputs.properties.get_list():
+            for engine in ('mlip', 'dft'):
+                key = f'{name}_{engine}'
+                if key not in self.ctx:
+                    for port in REFERENCE_OUTPUTS[name]:
+                        self.ctx.results[f'{engine}_{port}'] = self.inputs.reference[port]
+                    continue
+                node = self.ctx[key]
+                if engine == 'mlip' and node.exit_status is not None and 500 <= node.exit_status < 600:
+                    self.ctx.model_failures[name] = f'{node.process_label}<{node.pk}>: {node.exit_message}'
+                    continue
+                if not node.is_finished_ok:
+                    failed.append(f'{key} ({node.process_label}<{node.pk}> exit {node.exit_status})')
+                    continue
+                for port, output in REFERENCE_OUTPUTS[name].items():
+                    self.ctx.results[f'{engine}_{port}'] = node.outputs[output]
+        for key, node in self.ctx.results.items():
+            engine, port = key.split('_', 1)
+            self.out(f'{engine}.{port}', node)
+        if failed:
+            return self.exit_codes.ERROR_PROPERTY_FAILED.format(failed=', '.join(failed))
+        return None
+
+    def compare(self):
+        comparison = compare_properties(self.inputs.thresholds, orm.Dict(self.ctx.model_failures), **self.ctx.results,
+                                        metadata={'call_link_label': 'compare'})
+        self.out('comparison', comparison)
+        figures = validation_figures(**self.ctx.results, metadata={'call_link_label': 'figures'})
+        for name, node in figures.items():
+            self.out(f'figures.{name}', node)
+        result = comparison['verdict']
+        self.report(f'validation {"PASSED" if result["passed"] else "FAILED"}: {result["failed"] or "all checks"}')
