@@ -3,6 +3,7 @@
 Each command group lives in its own module and is attached here.
 """
 from aiida_mlip.cli.root import cli
+from aiida_mlip.cli import model as _model  # noqa: F401  (registers `model`)
 from aiida_mlip.cli import setup as _setup  # noqa: F401  (registers `setup`)
 
 __all__ = ('cli',)

@@ -126,3 +126,24 @@ def ensure_pw_code(computer, label: str = 'pw', executable: str | None = None):
 def python_executable() -> str:
     """The interpreter of this environment: the MLIP engine codes run ``python -m aiida_mlip.engine...`` with it."""
     return os.environ.get('AIIDA_MLIP_PYTHON', sys.executable)
+
+
+#: The MLIP plugins and the labels of the python codes that run them (one code per plugin, same interpreter).
+MLIP_CODES = {
+    'mace_train': ('mace-train', 'mlip.mace_train', 'python running mace_run_train (mace-torch) for MaceTrainCalculation'),
+    'evaluate': ('mlip-evaluate', 'mlip.evaluate', 'python running aiida_mlip.engine for MlipEvaluateCalculation'),
+    'md': ('mlip-md', 'mlip.md', 'python running aiida_mlip.engine.md for MlipMdCalculation'),
+}
+
+
+def ensure_mlip_codes(computer, executable: str | None = None) -> dict:
+    """The python codes of the MLIP plugins on ``computer``: ``{'mace_train': code, 'evaluate': code, 'md': code}``.
+
+    Both run ``executable`` (default :func:`python_executable`, this environment's interpreter, which has
+    mace-torch and aiida_mlip installed); serial (``withmpi`` False), one OpenMP thread unless the job sets more.
+    """
+    executable = executable or python_executable()
+    return {
+        key: ensure_installed_code(label, computer, executable, plugin, description, with_mpi=False)
+        for key, (label, plugin, description) in MLIP_CODES.items()
+    }
