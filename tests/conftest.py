@@ -81,3 +81,23 @@ def count_calcjobs() -> int:
     from aiida import orm
 
     return orm.QueryBuilder().append(orm.CalcJobNode).count()
+
+
+@pytest.fixture(scope='session', autouse=True)
+def nothing_written_to_the_working_tree():
+    """Hygiene: no test may leave files in the project folder (dry runs, mace's *_valid_indices_*.txt...)."""
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+
+    def untracked():
+        result = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=all'], cwd=root,
+                                capture_output=True, text=True)
+        return {line[3:] for line in result.stdout.splitlines() if line.startswith('??')} if result.returncode == 0 \
+            else set()
+
+    before = untracked()
+    yield
+    leaked = sorted(untracked() - before)
+    assert not leaked, f'tests left files in the project folder: {leaked[:10]}'

@@ -14,7 +14,7 @@ from .conftest import TEST_FAMILY, TEST_PW_OVERRIDES
 
 #: A model small enough to train in seconds on one CPU thread (DESIGN.md: ~22 s for 60 frames, 20 epochs).
 TINY_PARAMETERS = {
-    'model': 'MACE', 'num_channels': 8, 'max_L': 0, 'r_max': 4.0, 'num_interactions': 2,
+    'model': 'ScaleShiftMACE', 'num_channels': 8, 'max_L': 0, 'r_max': 4.0, 'num_interactions': 2,
     'max_num_epochs': 10, 'batch_size': 4, 'valid_batch_size': 4, 'default_dtype': 'float32', 'seed': 1,
     'loss': 'stress', 'error_table': 'PerAtomRMSEstressvirials',
 }

@@ -188,21 +188,26 @@ def test_code_for_another_plugin_is_refused(pw_code, si_splits):
         engine.run_get_node(builder)
 
 
-def dry_run(builder):
-    """prepare_for_submission only: the job folder and script, nothing stored, nothing run."""
+def dry_run(builder, directory):
+    """prepare_for_submission only: the job folder and script, nothing stored, nothing run.
+
+    AiiDA writes dry runs to ``submit_test/`` in the current directory: run it from ``directory``.
+    """
+    import contextlib
     import pathlib
 
     builder.metadata.dry_run = True
-    _, node = engine.run_get_node(builder)
+    with contextlib.chdir(directory):
+        _, node = engine.run_get_node(builder)
     folder = pathlib.Path(node.dry_run_info['folder'])
     return folder, (folder / node.dry_run_info['script_filename']).read_text()
 
 
-def test_e0s_input_and_multihead_command_line(mlip_codes, si_splits, untrained_si_ge):
+def test_e0s_input_and_multihead_command_line(mlip_codes, si_splits, untrained_si_ge, tmp_path):
     import hashlib
 
     builder = train_builder(mlip_codes['mace_train'], si_splits, e0s=orm.Dict({'Si': -101.5}))
-    folder, script = dry_run(builder)
+    folder, script = dry_run(builder, tmp_path)
     assert "'--E0s={14: -101.5}'" in script
     assert 'IsolatedAtom' not in (folder / 'train.xyz').read_text()  # it would override the given E0s
     assert "config_type=test" in (folder / 'test.xyz').read_text()
@@ -210,7 +215,7 @@ def test_e0s_input_and_multihead_command_line(mlip_codes, si_splits, untrained_s
     foundation = MlipModel.from_file(untrained_si_ge).store()
     builder = train_builder(mlip_codes['mace_train'], si_splits, foundation_model=foundation,
                             finetune=orm.Str('multihead'), replay_dataset=si_splits['valid'])
-    folder, script = dry_run(builder)
+    folder, script = dry_run(builder, tmp_path)
     assert "'--multiheads_finetuning=True'" in script and "'--pt_train_file=replay.xyz'" in script
     assert "'--foundation_model=foundation.model'" in script and '--E0s' not in script  # E0 from IsolatedAtom
     assert hashlib.sha256((folder / 'foundation.model').read_bytes()).hexdigest() == foundation.sha256

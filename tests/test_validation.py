@@ -21,14 +21,15 @@ def si2_structure():
 def validation_builder(mlip_codes, model, structure, pw_code=None, **overrides):  # noqa: F811
     return ValidationWorkChain.get_builder_from_protocol(
         mlip_codes['evaluate'], model, structure, protocol='fast', pw_code=pw_code, pseudo_family=TEST_FAMILY,
-        dft_overrides={'pw_base': TEST_PW_OVERRIDES}, overrides=overrides,
+        dft_overrides={'pw_base': TEST_PW_OVERRIDES}, overrides=overrides, md_code=mlip_codes['md'],
     )
 
 
 @pytest.fixture(scope='module')
 def validated(mlip_codes, trained, pw_code, pseudo_family, si2_structure):  # noqa: F811
     model = trained[0]['model']
-    return engine.run_get_node(validation_builder(mlip_codes, model, si2_structure, pw_code=pw_code))
+    return engine.run_get_node(validation_builder(
+        mlip_codes, model, si2_structure, pw_code=pw_code, properties=['eos', 'elastic', 'phonons', 'md_stability']))
 
 
 def test_comparison_is_complete_and_finite(validated):
@@ -50,9 +51,14 @@ def test_comparison_is_complete_and_finite(validated):
 
 def test_both_engines_ran_and_figures_exist(validated):
     results, node = validated
-    labels = sorted(link.link_label for link in node.base.links.get_outgoing().all()
-                    if link.node.process_label in ('EquationOfStateWorkChain', 'ElasticWorkChain', 'PhononWorkChain'))
-    assert labels == sorted(f'{p}_{e}' for p in ('eos', 'elastic', 'phonons') for e in ('dft', 'mlip'))
+    from aiida.common.links import LinkType
+
+    labels = sorted(link.link_label for link in node.base.links.get_outgoing(link_type=LinkType.CALL_WORK).all())
+    expected = [f'{p}_{e}' for p in ('eos', 'elastic', 'phonons') for e in ('dft', 'mlip')] + ['md_stability_mlip']
+    assert labels == sorted(expected)
+    md = results['comparison']['md_stability']
+    assert isinstance(md['unstable'], bool)
+    assert results['mlip']['md_stability']['stable'] == (not md['unstable'])
     assert sorted(results['figures']) == ['cij_parity', 'eos_overlay', 'phonon_bands']
     with results['figures']['eos_overlay'].open(mode='rb') as handle:
         assert handle.read(8) == b'\x89PNG\r\n\x1a\n'

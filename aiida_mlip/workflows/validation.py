@@ -26,6 +26,9 @@ PROPERTY_WORKFLOWS = {
     'phonons': WorkflowFactory('mlip.phonons'),
 }
 #: Per property: the outputs compared and passed as ``reference`` (reference port name -> workflow output).
+MdStabilityWorkChain = WorkflowFactory('mlip.md_stability')
+#: Model-only checks: no DFT counterpart, the verdict is the model's own.
+MODEL_ONLY = {'md_stability': MdStabilityWorkChain}
 REFERENCE_OUTPUTS = {
     'eos': {'eos': 'eos', 'eos_curve': 'curve'},
     'elastic': {'elastic': 'elastic'},
@@ -71,6 +74,9 @@ def compare_properties(thresholds: orm.Dict, model_failures: orm.Dict, **results
         comparison['phonons'] = compare_phonons(
             results['mlip_phonon_bands'].get_bands(), results['dft_phonon_bands'].get_bands(),
             dos.get('mlip'), dos.get('dft'), summaries.get('mlip'), summaries.get('dft'))
+    if 'mlip_md_stability' in results:
+        stability = results['mlip_md_stability'].get_dict()
+        comparison['md_stability'] = {'unstable': not stability['stable'], 'reasons': stability.get('reasons', [])}
     comparison['verdict'] = verdict(comparison, thresholds.get_dict())
     return orm.Dict(_jsonable(comparison))
 
@@ -113,11 +119,15 @@ def _jsonable(value):
 
 def validate_inputs(inputs, _):
     properties = inputs['properties'].get_list()
-    unknown = set(properties) - set(PROPERTY_WORKFLOWS)
+    allowed = sorted(PROPERTY_WORKFLOWS) + sorted(MODEL_ONLY)
+    unknown = set(properties) - set(allowed)
     if unknown or not properties:
-        return f'properties must be a non-empty subset of {sorted(PROPERTY_WORKFLOWS)}, got {properties}'
+        return f'properties must be a non-empty subset of {allowed}, got {properties}'
+    if 'md_stability' in properties and 'md_code' not in inputs:
+        return 'md_stability needs `md_code` (an `mlip.md` code, created by `aiida-mlip setup`)'
     reference = inputs.get('reference', {})
-    missing = [p for p in properties if not all(port in reference for port in REFERENCE_OUTPUTS[p])]
+    missing = [p for p in properties if p in PROPERTY_WORKFLOWS
+               and not all(port in reference for port in REFERENCE_OUTPUTS[p])]
     if missing and not inputs.get('dft'):
         return f'no DFT engine (`dft`) and no complete `reference` for {missing}'
     if not inputs.get('mlip'):
@@ -135,7 +145,9 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
         super().define(spec)
         spec.input('structure', valid_type=orm.StructureData, help='The (relaxed) structure to validate on.')
         spec.input('properties', valid_type=orm.List, default=lambda: orm.List(['eos', 'elastic', 'phonons']),
-                   help='Which properties to compare: any of eos, elastic, phonons.')
+                   help='Which properties to compare: any of eos, elastic, phonons, and md_stability (model only).')
+        spec.input('md_code', valid_type=orm.AbstractCode, required=False,
+                   help='The `mlip.md` code for md_stability; the models are those of `mlip`.')
         spec.input('thresholds', valid_type=orm.Dict,
                    help='Pass/fail limits: v0_error_percent, b0_error_percent, elastic_error_percent, '
                         'phonon_mae_thz, dos_spearman (docs/validation.md gives their sources).')
@@ -156,22 +168,28 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
                                namespace_options={'required': False, 'populate_defaults': True,
                                                   'help': f'Settings of the {name} workflow.'})
             spec.inputs[name].validator = None  # the engine is added at launch, where the workflow validates
+        spec.expose_inputs(MdStabilityWorkChain, namespace='md_stability', exclude=('structure', 'mlip'),
+                           namespace_options={'required': False, 'populate_defaults': True,
+                                              'help': 'Settings of the MD stability check.'})
+        spec.inputs['md_stability'].validator = None
         spec.inputs.validator = validate_inputs
         spec.outline(cls.run_properties, cls.inspect_properties, cls.compare)
         for engine in ('mlip', 'dft'):
             for ports in REFERENCE_OUTPUTS.values():
                 for port in ports:
                     spec.output(f'{engine}.{port}', valid_type=orm.Data, required=False)
+        spec.output('mlip.md_stability', valid_type=orm.Dict, required=False, help='The MD stability verdict.')
         spec.output('comparison', valid_type=orm.Dict, help='Errors per property and the verdict (passed, failed).')
         spec.output_namespace('figures', valid_type=orm.SinglefileData, dynamic=True, help='PNG figures.')
         spec.exit_code(420, 'ERROR_PROPERTY_FAILED', message='Property workflows failed: {failed}')
 
     @classmethod
     def get_builder_from_protocol(cls, evaluate_code, models, structure, protocol=None, overrides=None,
-                                  pw_code=None, pseudo_family=None, dft_overrides=None, **kwargs):
+                                  pw_code=None, pseudo_family=None, dft_overrides=None, md_code=None, **kwargs):
         """Builder validating ``models`` (an MlipModel, or a dict of them for a committee) on ``structure``.
 
         :param pw_code: the pw.x code of the DFT engine (omit when all DFT results come as ``reference``).
+        :param md_code: the ``mlip.md`` code, needed when the properties include md_stability.
         :param dft_overrides: overrides of ``DftLabelingWorkChain.get_builder_from_protocol`` (e.g. ``pw_base``).
         """
         inputs = cls.get_protocol_inputs(protocol, overrides)
@@ -182,6 +200,11 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
         builder.mlip.code = orm.load_code(evaluate_code) if isinstance(evaluate_code, str) else evaluate_code
         builder.mlip.models = models if isinstance(models, dict) else {'model': models}
         builder.mlip.metadata = {'options': {'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 1}}}
+        if md_code is not None:
+            builder.md_code = orm.load_code(md_code) if isinstance(md_code, str) else md_code
+        for key, value in inputs.get('md_stability', {}).items():
+            builder.md_stability[key] = orm.List(value) if isinstance(value, list) else (
+                orm.Float(value) if isinstance(value, float) else orm.Int(value))
         for name in PROPERTY_WORKFLOWS:
             for key, value in inputs.get(name, {}).items():
                 builder[name][key] = orm.List(value) if isinstance(value, list) else (
@@ -203,7 +226,15 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
     def run_properties(self):
         """Every property with the MLIP engine, and with DFT where no reference was given; all concurrently."""
         futures = {}
+        if 'md_stability' in self.inputs.properties.get_list():
+            inputs = AttributeDict(self.exposed_inputs(MdStabilityWorkChain, namespace='md_stability'))
+            inputs.structure = self.inputs.structure
+            inputs.mlip = {'code': self.inputs.md_code, 'models': self.inputs.mlip.models}
+            inputs.metadata = {'call_link_label': 'md_stability_mlip'}
+            futures['md_stability_mlip'] = self.submit(MdStabilityWorkChain, **inputs)
         for name in self.inputs.properties.get_list():
+            if name in MODEL_ONLY:
+                continue
             workflow = PROPERTY_WORKFLOWS[name]
             engines = ['mlip'] + (['dft'] if self._needs_dft(name) else [])
             for engine in engines:
@@ -218,7 +249,16 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
     def inspect_properties(self):
         """Collect each engine's results (from the runs or the reference) under ``mlip.*`` and ``dft.*``."""
         self.ctx.results, failed, self.ctx.model_failures = {}, [], {}
+        if 'md_stability_mlip' in self.ctx:
+            node = self.ctx.md_stability_mlip
+            if node.is_finished_ok:
+                self.ctx.results['mlip_md_stability'] = node.outputs.stability
+                self.out('mlip.md_stability', node.outputs.stability)
+            else:
+                failed.append(f'md_stability ({node.process_label}<{node.pk}> exit {node.exit_status})')
         for name in self.inputs.properties.get_list():
+            if name in MODEL_ONLY:
+                continue
             for engine in ('mlip', 'dft'):
                 key = f'{name}_{engine}'
                 if key not in self.ctx:
@@ -236,6 +276,8 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
                     self.ctx.results[f'{engine}_{port}'] = node.outputs[output]
         for key, node in self.ctx.results.items():
             engine, port = key.split('_', 1)
+            if port == 'md_stability':
+                continue
             self.out(f'{engine}.{port}', node)
         if failed:
             return self.exit_codes.ERROR_PROPERTY_FAILED.format(failed=', '.join(failed))
