@@ -81,8 +81,9 @@ class EngineMixin:
             reason = f'{node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message}'
             return None, self.exit_codes.ERROR_ENGINE_FAILED.format(engine='mlip', reason=reason)
         structures_sorted = {f'structure_{i:05d}': structures[key] for i, key in enumerate(sorted(structures))}
+        optional = {'stresses': node.outputs.stresses} if 'stresses' in node.outputs else {}
         frames = predictions_to_dataset(
-            energies=node.outputs.energies, forces=node.outputs.forces, stresses=node.outputs.stresses,
+            energies=node.outputs.energies, forces=node.outputs.forces, **optional,
             **structures_sorted, metadata={'call_link_label': 'predictions'},
         )
         return frames, None
