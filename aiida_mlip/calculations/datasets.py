@@ -55,6 +55,7 @@ def split_indices(n_frames: int, fractions: dict, seed: int, groups=None, always
     With ``groups`` (one key per frame, e.g. config_type or composition) whole groups go to one split, so
     no group leaks between training and test; groups are shuffled and filled in the order train, valid, test.
     ``always_train`` indices (IsolatedAtom frames: they define E0, they are not test data) go to train.
+    Each unit (frame or group), in seeded random order, goes to the split furthest below its share.
     """
     names = [name for name in SPLIT_NAMES if fractions.get(name, 0) > 0]
     total = sum(fractions[name] for name in names)
@@ -69,12 +70,11 @@ def split_indices(n_frames: int, fractions: dict, seed: int, groups=None, always
         units = [[i for i in candidates if groups[i] == key] for key in keys]
     order = rng.permutation(len(units))
     result = {name: [] for name in names}
-    targets = np.cumsum([fractions[name] for name in names]) * len(candidates)
-    assigned = 0
+    targets = {name: fractions[name] * len(candidates) for name in names}
     for position in order:
-        name = next((n for n, t in zip(names, targets) if assigned < t - 1e-9), names[-1])
+        # The split furthest below its share takes the next unit (ties: train, valid, test).
+        name = max(names, key=lambda n: (targets[n] - len(result[n]), -names.index(n)))
         result[name].extend(units[position])
-        assigned += len(units[position])
     result.setdefault('train', []).extend(sorted(always_train))
     return {name: sorted(indices) for name, indices in result.items()}
 
