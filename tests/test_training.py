@@ -5,7 +5,7 @@ from aiida import engine, orm
 
 from aiida_mlip.workflows.training import TrainingWorkChain
 
-from .fixtures_mlip import mlip_codes, si_dataset  # noqa: F401  (fixtures)
+from .fixtures_mlip import mlip_codes, si_dataset, si_splits  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.pw, pytest.mark.mace]
 
@@ -68,3 +68,24 @@ def test_unknown_mace_option_is_refused_before_training(mlip_codes, si_dataset):
         builder = TrainingWorkChain.get_builder_from_protocol(
             mlip_codes['mace_train'], si_dataset, protocol='fast', overrides={'mace': {'num_chanels': 8}})
         engine.run(builder)
+
+
+def test_nan_loss_restarts_with_a_lower_learning_rate(mlip_codes, si_splits):  # noqa: F811
+    """A diverging run (lr = 1e6) ends with exit 320; the handler restarts it with lr / lr_reduction."""
+    from aiida_mlip.calculations.mace_train import MaceTrainCalculation
+    from aiida_mlip.workflows.mace_train_base import MaceTrainBaseWorkChain
+
+    from .fixtures_mlip import TINY_PARAMETERS
+
+    builder = MaceTrainBaseWorkChain.get_builder()
+    builder.mace.code = mlip_codes['mace_train']
+    builder.mace.train, builder.mace.valid = si_splits['train'], si_splits['valid']
+    builder.mace.parameters = orm.Dict({**TINY_PARAMETERS, 'lr': 1e6, 'max_num_epochs': 2})
+    builder.mace.metadata.options = {'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 1}}
+    builder.lr_reduction = orm.Float(1e8)
+    results, node = engine.run_get_node(builder)
+    assert node.is_finished_ok, node.exit_message
+    first, second = sorted((c for c in node.called if c.process_label == 'MaceTrainCalculation'), key=lambda c: c.pk)
+    assert first.exit_status == MaceTrainCalculation.exit_codes.ERROR_NAN_LOSS.status
+    assert second.inputs.parameters['lr'] == pytest.approx(0.01)
+    assert 'model' in results
