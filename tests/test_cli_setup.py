@@ -80,3 +80,4 @@ def test_default_selection_covers_the_expected_pbe_elements():
     assert {'Si', 'Ge', 'C', 'Cu', 'Ni', 'Ag', 'Ga', 'As', 'N', 'B'} <= set(selection)
     assert all(info.functional == 'PBE' and not info.fully_relativistic for info in selection.values())
     assert 'Pt' not in selection  # only a fully-relativistic PBE file exists for Pt
+    assert 'Co' not in selection  # CorelUSPBE.RRKJ3.UPF says so only in its PP_INFO: 'Fully-Relativistic'

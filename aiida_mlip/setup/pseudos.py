@@ -121,7 +121,7 @@ def inspect_upf(path: pathlib.Path) -> UpfInfo:
 
     relativistic = re.search(r'relativistic\s*=\s*["\']\s*(\w+)', head)
     fully_relativistic = (relativistic is not None and relativistic.group(1).lower() == 'full') or bool(
-        re.search(r'(^|[._-])rel[._-]|rel\.RRKJ|full.relativistic', path.name + ' ' + head[:3000], re.IGNORECASE)
+        re.search(r'(^|[._-])rel[._-]|rel\.RRKJ|fully?[- ]relativistic', path.name + ' ' + head[:3000], re.IGNORECASE)
     )
 
     def suggested(kind: str) -> float | None:
