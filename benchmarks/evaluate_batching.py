@@ -61,16 +61,11 @@ def make_cells(n: int, seed: int, rattle: float = 0.05, strain: float = 0.03) ->
 
 
 def train_model(workdir: pathlib.Path) -> pathlib.Path:
-    """Tiny MACE on Morse-labelled Si (the test suite's recipe, tests/engine/conftest.py)."""
-    import ase.io
-
+    """Tiny MACE on Morse-labelled Si (the test suite's recipe, tests/tiny_mace.py)."""
     sys.path.insert(0, str(REPO_ROOT))
-    from tests.engine.conftest import rattled_si, train_tiny_mace
+    from tests.tiny_mace import train_tiny_committee
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    train_file = workdir / 'train.extxyz'
-    ase.io.write(train_file, rattled_si(40, seed=0), format='extxyz')
-    return train_tiny_mace(train_file.resolve(), (workdir / 'train').resolve(), seed=1)
+    return train_tiny_committee(workdir, seeds=(1,))[0]
 
 
 def run_calculation(code, model, structures: dict):

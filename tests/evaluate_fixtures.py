@@ -1,38 +1,27 @@
 """Fixtures for the ``mlip.evaluate`` CalcJob tests: tiny real MACE models and the engine code on localhost.
 
 Import the fixtures into a test module (``from tests.evaluate_fixtures import *``-style, by name). The models are
-trained with the helpers of ``tests/engine/conftest.py`` (Morse-labelled rattled Si, 8 channels, 5 epochs, ~8 s
-each); model files are session-scoped, the AiiDA nodes are made per test (cheap) so a cleaned database never leaves
+the session fixture ``tiny_mace_committee`` of ``tests/conftest.py`` (recipe: ``tests/tiny_mace.py``; Morse-labelled
+rattled Si, 8 channels, 5 epochs, ~8 s each), trained once per session and shared with ``tests/engine``; model files
+are session-scoped, the AiiDA nodes are made per test (cheap) so a cleaned database never leaves
 stale nodes behind.
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from tests.engine.conftest import rattled_si, train_tiny_mace
+from tests.tiny_mace import TRAIN_SEEDS, rattled_si
 
 __all__ = ('tiny_mace_files', 'mlip_models', 'evaluate_code', 'rattled_si', 'si_structures', 'make_structures')
 
 #: Training seeds of the committee members.
-SEEDS = (1, 2)
+SEEDS = TRAIN_SEEDS
 
 
 @pytest.fixture(scope='session')
-def tiny_mace_files(tmp_path_factory) -> list:
+def tiny_mace_files(tiny_mace_committee) -> list:
     """Paths of two tiny MACE models (float32) that differ only in the training seed."""
-    import ase.io
-
-    root = tmp_path_factory.mktemp('evaluate_models')
-    train_file = root / 'train.extxyz'
-    ase.io.write(train_file, rattled_si(40, seed=0), format='extxyz')
-    paths = []
-    for seed in SEEDS:
-        start = time.perf_counter()
-        paths.append(train_tiny_mace(train_file.resolve(), (root / f'seed{seed}').resolve(), seed))
-        print(f'trained tiny MACE seed={seed} in {time.perf_counter() - start:.1f} s')
-    return paths
+    return list(tiny_mace_committee)
 
 
 @pytest.fixture

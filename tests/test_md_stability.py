@@ -49,9 +49,20 @@ def si8():
     return orm.StructureData(ase=bulk('Si', 'diamond', a=5.43, cubic=True))
 
 
-def _workflow_builder(md_code, models, structure, **inputs):
+def _node(value):
+    """Plain python values as AiiDA nodes (nodes, and namespaces of nodes, pass unchanged)."""
     from aiida import orm
 
+    if isinstance(value, dict) and any(isinstance(item, orm.Node) for item in value.values()):
+        return value
+    for kind, node_class in ((bool, orm.Bool), (int, orm.Int), (float, orm.Float), (str, orm.Str), (list, orm.List),
+                             (dict, orm.Dict)):
+        if isinstance(value, kind):
+            return node_class(value)
+    return value
+
+
+def _workflow_builder(md_code, models, structure, **inputs):
     from aiida_mlip.workflows.properties.md_stability import MdStabilityWorkChain
 
     builder = MdStabilityWorkChain.get_builder()
@@ -60,23 +71,11 @@ def _workflow_builder(md_code, models, structure, **inputs):
     builder.mlip.models = models
     builder.mlip.metadata.options.max_wallclock_seconds = 600
     for name, value in inputs.items():
-        if isinstance(value, bool):
-            value = orm.Bool(value)
-        elif isinstance(value, int):
-            value = orm.Int(value)
-        elif isinstance(value, float):
-            value = orm.Float(value)
-        elif isinstance(value, list):
-            value = orm.List(value)
-        elif isinstance(value, dict):
-            value = orm.Dict(value)
-        builder[name] = value
+        builder[name] = _node(value)
     return builder
 
 
 def _md_builder(md_code, models, **inputs):
-    from aiida import orm
-
     from aiida_mlip.calculations.md import MlipMdCalculation
 
     builder = MlipMdCalculation.get_builder()
@@ -84,15 +83,7 @@ def _md_builder(md_code, models, **inputs):
     builder.models = models
     builder.metadata.options.max_wallclock_seconds = 600
     for name, value in inputs.items():
-        if isinstance(value, int):
-            value = orm.Int(value)
-        elif isinstance(value, float):
-            value = orm.Float(value)
-        elif isinstance(value, list):
-            value = orm.List(value)
-        elif isinstance(value, str):
-            value = orm.Str(value)
-        builder[name] = value
+        builder[name] = _node(value)
     return builder
 
 

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 from aiida import engine, orm
+from aiida_quantumespresso.common.types import ElectronicType
 
 from aiida_mlip.workflows.validation import ValidationWorkChain
 
@@ -22,6 +23,7 @@ def validation_builder(mlip_codes, model, structure, pw_code=None, **overrides):
     return ValidationWorkChain.get_builder_from_protocol(
         mlip_codes['evaluate'], model, structure, protocol='fast', pw_code=pw_code, pseudo_family=TEST_FAMILY,
         dft_overrides={'pw_base': TEST_PW_OVERRIDES}, overrides=overrides, md_code=mlip_codes['md'],
+        electronic_type=ElectronicType.INSULATOR,  # Si: fixed occupations, no extra bands for the 16-atom cells
     )
 
 

@@ -13,108 +13,23 @@ and returned as ``summary['keys']``.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 from aiida import orm
-from aiida.common import datastructures
-from aiida.engine import CalcJob
 
+from aiida_mlip.calculations.engine_job import (  # noqa: F401  (re-exported: workflows import them from here)
+    DTYPES, EXIT_CODE_FILENAME, MODEL_FILENAME, STDERR_FILENAME, STDOUT_FILENAME, EngineCalcJob, check_models_cover,
+    engine_options_problem, model_filename, models_type_problem, structure_to_atoms,
+)
 from aiida_mlip.data.dataset import TrainingSet
-from aiida_mlip.data.model import MlipModel
 
 #: Files of the job folder (names are part of the parser contract).
 STRUCTURES_FILENAME = 'structures.extxyz'
 KEYS_FILENAME = 'structure_keys.json'
 RESULTS_FILENAME = 'results.npz'
 SUMMARY_FILENAME = 'results.json'
-STDOUT_FILENAME = 'engine.out'
-STDERR_FILENAME = 'engine.err'
-EXIT_CODE_FILENAME = 'engine.exit_code'
-MODEL_FILENAME = 'model_{index:03d}.model'
 ENGINE_MODULE = 'aiida_mlip.engine.evaluate'
-DTYPES = ('float32', 'float64')
-
-
-def model_filename(index: int) -> str:
-    """Name of the ``index``-th model (sorted ``models`` keys) in the job folder."""
-    return MODEL_FILENAME.format(index=index)
-
-
-def _structure_attributes(structure: orm.StructureData) -> dict:
-    """The raw attributes (cell, pbc1-3, kinds, sites): one read, much cheaper than ``.sites``/``get_ase()``."""
-    return structure.base.attributes.all
-
-
-def _kind_symbols(attributes: dict) -> dict:
-    """kind name -> element symbol; ValueError for alloy/vacancy kinds, which an MLIP cannot evaluate."""
-    symbols = {}
-    for kind in attributes.get('kinds', []):
-        if len(kind['symbols']) != 1 or abs(sum(kind['weights']) - 1.0) > 1e-6:
-            raise ValueError(f'kind `{kind["name"]}` is an alloy or has vacancies ({kind["symbols"]}, '
-                             f'weights {kind["weights"]}): an MLIP needs one element per site')
-        symbols[kind['name']] = kind['symbols'][0]
-    return symbols
-
-
-def structure_to_atoms(structure: orm.StructureData):
-    """Bare ``ase.Atoms`` (numbers, positions, cell, pbc; no tags, no info) from the node attributes."""
-    from ase import Atoms
-
-    attributes = _structure_attributes(structure)
-    symbols = _kind_symbols(attributes)
-    sites = attributes.get('sites', [])
-    return Atoms(
-        symbols=[symbols[site['kind_name']] for site in sites],
-        positions=[site['position'] for site in sites] if sites else np.zeros((0, 3)),
-        cell=attributes['cell'],
-        pbc=[attributes['pbc1'], attributes['pbc2'], attributes['pbc3']],
-    )
-
-
-def check_models_cover(models: Mapping[str, Any], structures: Optional[Mapping[str, Any]] = None,
-                       dataset: Optional[TrainingSet] = None) -> Optional[str]:
-    """Error message if a structure (or dataset frame) has an element some model was not trained on, else None.
-
-    Also refuses structures without atoms and alloy/vacancy kinds. Public so that WorkChains that expose
-    ``MlipEvaluateCalculation`` without ``structures`` can run the same check on the cells they make.
-    """
-    where: Dict[str, list] = {}  # element -> structure keys that contain it (for the message)
-    for key in sorted(structures or {}):
-        structure = structures[key]
-        if not isinstance(structure, orm.StructureData):
-            return f'`structures.{key}` must be a StructureData, got {type(structure).__name__}'
-        attributes = _structure_attributes(structure)
-        if not attributes.get('sites'):
-            return f'`structures.{key}` has no atoms'
-        try:
-            elements = set(_kind_symbols(attributes).values())
-        except ValueError as exception:
-            return f'`structures.{key}`: {exception}'
-        for element in elements:
-            where.setdefault(element, []).append(key)
-    if dataset is not None:
-        for element in dataset.elements:
-            where.setdefault(element, []).append('dataset')
-
-    problems = []
-    for key in sorted(models):
-        model = models[key]
-        missing = model.covers(where)
-        if missing:
-            details = []
-            for element in missing:
-                keys = where[element]
-                shown = ', '.join(keys[:5]) + (', ...' if len(keys) > 5 else '')
-                details.append(f'{element} (in {shown})')
-            problems.append(
-                f'model `{key}` (MlipModel<{model.pk}>, elements {" ".join(model.elements)}) '
-                f'does not cover {"; ".join(details)}'
-            )
-    if problems:
-        return 'elements missing from the model: ' + ' | '.join(problems)
-    return None
 
 
 def validate_inputs(value, ctx=None) -> Optional[str]:
@@ -129,11 +44,9 @@ def validate_inputs(value, ctx=None) -> Optional[str]:
         return None
 
     models = value.get('models') or {}
-    if not models:
-        return 'at least one model is required in `models` (one = single model, several = committee)'
-    for key, model in models.items():
-        if not isinstance(model, MlipModel):
-            return f'`models.{key}` must be an MlipModel (mlip.model), got {type(model).__name__}'
+    problem = models_type_problem(models)
+    if problem:
+        return problem
 
     has_structures = bool(value.get('structures'))
     has_dataset = value.get('dataset') is not None
@@ -148,27 +61,28 @@ def validate_inputs(value, ctx=None) -> Optional[str]:
     if message:
         return message
 
-    for name in ('batch_size', 'threads'):
-        if name in value and int(value[name].value) < 1:
-            return f'`{name}` must be >= 1, got {value[name].value}'
-    if value.get('dtype') is not None and value['dtype'].value not in DTYPES:
-        return f'`dtype` must be one of {DTYPES}, got {value["dtype"].value!r}'
-    return None
+    if 'batch_size' in value and int(value['batch_size'].value) < 1:
+        return f'`batch_size` must be >= 1, got {value["batch_size"].value}'
+    return engine_options_problem(threads=value.get('threads'), dtype=value.get('dtype'))
 
 
-class MlipEvaluateCalculation(CalcJob):
+class MlipEvaluateCalculation(EngineCalcJob):
     """Evaluate many structures with one MLIP (or a committee of several) in one job and one model load."""
 
     _DEFAULT_BATCH_SIZE = 8
+    ENGINE_MODULE = ENGINE_MODULE
+    PARSER_NAME = 'mlip.evaluate'
+    ENGINE_LABEL = 'evaluation'
+    MODELS_HELP = ('MLIP models by key: one = single model, several = committee (mean/std over models). '
+                   'Rows of the per-model output arrays follow the sorted keys.')
+    STRUCTURES_FILENAME = STRUCTURES_FILENAME
+    RESULTS_FILENAME = RESULTS_FILENAME
+    SUMMARY_FILENAME = SUMMARY_FILENAME
+    KEYS_FILENAME = KEYS_FILENAME
 
     @classmethod
     def define(cls, spec):
         super().define(spec)
-        spec.input_namespace(
-            'models', valid_type=MlipModel, dynamic=True, required=True,
-            help='MLIP models by key: one = single model, several = committee (mean/std over models). '
-                 'Rows of the per-model output arrays follow the sorted keys.',
-        )  # fmt: skip
         spec.input_namespace(
             'structures', valid_type=orm.StructureData, dynamic=True, required=False,
             help='Structures to evaluate, by key; results follow the sorted keys. Exclusive with `dataset`.',
@@ -181,21 +95,7 @@ class MlipEvaluateCalculation(CalcJob):
                    help='Structures per model call (memory vs. speed; results do not depend on it).')
         spec.input('compute_stress', valid_type=orm.Bool, default=lambda: orm.Bool(True),
                    help='Also compute the stress (cell gradient); only meaningful for periodic cells.')
-        spec.input('dtype', valid_type=orm.Str, required=False,
-                   help="'float32' or 'float64'; default: the dtype the model was stored with.")
-        spec.input(
-            'threads', valid_type=orm.Int, default=lambda: orm.Int(1),
-            help='torch threads, also exported as OMP_NUM_THREADS/MKL_NUM_THREADS in the job. Never more than the '
-                 'cores the job really has: oversubscribed OpenMP made MACE inference ~15x slower.',
-        )  # fmt: skip
         spec.inputs.validator = validate_inputs
-
-        options = spec.inputs['metadata']['options']
-        options['resources'].default = {'num_machines': 1, 'num_mpiprocs_per_machine': 1}
-        options['withmpi'].default = False
-        options['parser_name'].default = 'mlip.evaluate'
-        options['input_filename'].default = STRUCTURES_FILENAME
-        options['output_filename'].default = RESULTS_FILENAME
 
         spec.output('energies', valid_type=orm.ArrayData,
                     help="'energies' (M, N) per model [eV], 'energy_mean' (N,), 'energy_std' (N,, committees), "
@@ -213,14 +113,6 @@ class MlipEvaluateCalculation(CalcJob):
                     help='n_structures, n_models, keys (row order), model_keys, wall/eval seconds, versions, ...')
         spec.default_output_node = 'summary'
 
-        spec.exit_code(300, 'ERROR_MISSING_OUTPUT_FILES',
-                       message='The engine did not write its output files: {message}')
-        spec.exit_code(301, 'ERROR_MISSING_ELEMENT',
-                       message='A structure contains an element a model was not trained on: {message}')
-        spec.exit_code(302, 'ERROR_UNREADABLE_MODEL', message='A model file could not be read: {message}')
-        spec.exit_code(303, 'ERROR_UNREADABLE_STRUCTURES', message='The structure file could not be read: {message}')
-        spec.exit_code(304, 'ERROR_ENGINE_FAILED', message='The evaluation engine failed: {message}')
-        spec.exit_code(310, 'ERROR_OUTPUT_CORRUPT', message='The output files are corrupt or inconsistent: {message}')
         spec.exit_code(311, 'ERROR_NON_FINITE_RESULTS',
                        message='The model returned non-finite energies, forces or stresses: {message}')
 
@@ -251,67 +143,22 @@ class MlipEvaluateCalculation(CalcJob):
             for i in range(len(arrays['n_atoms']))
         ]
 
-    def prepare_for_submission(self, folder):
-        """Write ONE extxyz with every structure and the sha256-verified model files; run the engine once."""
-        import ase.io
+    # ---- the job folder (EngineCalcJob.prepare_for_submission) ---------------------------------------
+    def engine_frames(self) -> list:
+        return self._frames(self.inputs)
 
-        frames = self._frames(self.inputs)
-        keys = self.structure_keys(self.inputs)
-        with folder.open(STRUCTURES_FILENAME, 'w') as handle:
-            ase.io.write(handle, frames, format='extxyz')
-        model_keys = sorted(self.inputs.models)
-        with folder.open(KEYS_FILENAME, 'w') as handle:
-            json.dump(
-                {
-                    'keys': keys,
-                    'source': 'structures' if self.inputs.get('structures') else 'dataset',
-                    'model_keys': model_keys,
-                    'model_uuids': [self.inputs.models[key].uuid for key in model_keys],
-                    'model_sha256': [self.inputs.models[key].sha256 for key in model_keys],
-                },
-                handle,
-            )
+    def job_keys(self) -> dict:
+        return {
+            'keys': self.structure_keys(self.inputs),
+            'source': 'structures' if self.inputs.get('structures') else 'dataset',
+        }
 
-        model_files = []
-        for index, key in enumerate(model_keys):
-            name = model_filename(index)
-            # write_verified re-hashes the repository content and the written copy against the pinned sha256
-            self.inputs.models[key].write_verified(folder.get_abs_path(name))
-            model_files.append(name)
-
-        threads = int(self.inputs.threads.value)
-        params = ['-m', ENGINE_MODULE, '--models', *model_files, '--structures', STRUCTURES_FILENAME,
-                  '--output', RESULTS_FILENAME, '--summary', SUMMARY_FILENAME,
-                  '--batch-size', str(int(self.inputs.batch_size.value)), '--threads', str(threads)]  # fmt: skip
-        if 'dtype' in self.inputs:
-            params += ['--dtype', self.inputs.dtype.value]
+    def engine_arguments(self) -> list:
+        arguments = ['--structures', STRUCTURES_FILENAME, '--output', RESULTS_FILENAME, '--summary', SUMMARY_FILENAME,
+                     '--batch-size', str(int(self.inputs.batch_size.value))]  # fmt: skip
         if not self.inputs.compute_stress.value:
-            params.append('--no-stress')
-
-        codeinfo = datastructures.CodeInfo()
-        codeinfo.code_uuid = self.inputs.code.uuid
-        codeinfo.cmdline_params = params
-        codeinfo.stdout_name = STDOUT_FILENAME
-        codeinfo.stderr_name = STDERR_FILENAME
-        codeinfo.withmpi = self.inputs.metadata.options.withmpi
-
-        calcinfo = datastructures.CalcInfo()
-        calcinfo.codes_info = [codeinfo]
-        calcinfo.local_copy_list = []
-        calcinfo.remote_copy_list = []
-        # After the computer's and the code's prepend text (which only default OMP_NUM_THREADS), before the run.
-        calcinfo.prepend_text = '\n'.join(
-            [f'export OMP_NUM_THREADS={threads}', f'export MKL_NUM_THREADS={threads}',
-             'export OMP_WAIT_POLICY=PASSIVE']
-        )  # fmt: skip
-        # The engine's exit status classifies failures; only exact right after the run line (no user append_text).
-        if not self.inputs.metadata.options.get('append_text'):
-            calcinfo.append_text = f'echo $? > {EXIT_CODE_FILENAME}'
-        calcinfo.retrieve_list = [
-            RESULTS_FILENAME, SUMMARY_FILENAME, KEYS_FILENAME, STDOUT_FILENAME, STDERR_FILENAME, EXIT_CODE_FILENAME,
-        ] + [name for name in (self.node.get_option('scheduler_stdout'), self.node.get_option('scheduler_stderr'))
-             if name]  # fmt: skip
-        return calcinfo
+            arguments.append('--no-stress')
+        return arguments
 
 
 # ---- mapping rows back to structures (pure numpy; used by property workflows for fan-in) ----------------------

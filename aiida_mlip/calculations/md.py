@@ -13,15 +13,15 @@ Langevin noise from ``numpy.random.default_rng([seed, k])``: the same inputs giv
 """
 from __future__ import annotations
 
-import json
 import numbers
 from typing import Any, Mapping, Optional
 
 from aiida import orm
-from aiida.common import datastructures
-from aiida.engine import CalcJob
 
-from aiida_mlip.data.model import MlipModel
+from aiida_mlip.calculations.engine_job import (  # noqa: F401  (re-exported)
+    DTYPES, EXIT_CODE_FILENAME, MODEL_FILENAME, STDERR_FILENAME, STDOUT_FILENAME, EngineCalcJob, _value,
+    check_models_cover, engine_options_problem, model_filename, models_type_problem, structure_to_atoms,
+)
 from aiida_mlip.workflows.checks import structure_problem
 
 #: Files of the job folder (names are part of the parser contract).
@@ -30,14 +30,9 @@ KEYS_FILENAME = 'md_keys.json'
 RESULTS_FILENAME = 'md.npz'
 SUMMARY_FILENAME = 'md.json'
 TRAJECTORY_FILENAME = 'md.extxyz'
-STDOUT_FILENAME = 'engine.out'
-STDERR_FILENAME = 'engine.err'
-EXIT_CODE_FILENAME = 'engine.exit_code'
-MODEL_FILENAME = 'model_{index:03d}.model'
 ENGINE_MODULE = 'aiida_mlip.engine.md'
 
 ENSEMBLES = ('nvt', 'nve')
-DTYPES = ('float32', 'float64')
 #: Largest accepted timestep (fs). DOMAIN.md: 0.5-1 fs is customary, up to 2 fs; beyond ~5 fs no atomistic MD of
 #: anything but the heaviest elements integrates stably, so a larger value is taken for a unit mistake.
 MAX_TIMESTEP_FS = 5.0
@@ -45,18 +40,9 @@ MAX_TIMESTEP_FS = 5.0
 DEFAULT_MIN_DISTANCE = 0.3
 
 
-def model_filename(index: int) -> str:
-    """Name of the ``index``-th model (sorted ``models`` keys) in the job folder."""
-    return MODEL_FILENAME.format(index=index)
-
-
 def run_key(index: int) -> str:
     """Output namespace key of run ``index`` (zero-padded so that sorted keys follow the run order)."""
     return f'run_{index:03d}'
-
-
-def _value(node):
-    return node.value if isinstance(node, orm.BaseType) else node
 
 
 def temperatures_problem(temperatures) -> Optional[str]:
@@ -101,38 +87,14 @@ def md_parameters_problem(
         return f'`ensemble` must be one of {ENSEMBLES}, got {_value(ensemble)!r}'
     if friction is not None and not float(_value(friction)) > 0:
         return f'`friction` (Langevin, 1/fs) must be > 0, got {_value(friction)}'
-    if threads is not None and int(_value(threads)) < 1:
-        return f'`threads` must be >= 1, got {_value(threads)}'
     if min_distance is not None and not float(_value(min_distance)) > 0:
         return f'`min_distance` must be > 0 Å, got {_value(min_distance)}'
-    if dtype is not None and _value(dtype) not in DTYPES:
-        return f'`dtype` must be one of {DTYPES}, got {_value(dtype)!r}'
-    return None
+    return engine_options_problem(threads=threads, dtype=dtype)
 
 
 def models_problem(models: Mapping[str, Any], structures: Mapping[str, orm.StructureData]) -> Optional[str]:
     """At least one ``MlipModel``; every element of every structure known to every model (names what is missing)."""
-    if not models:
-        return 'at least one model is required in `models` (one = single model, several = committee)'
-    for key, model in models.items():
-        if not isinstance(model, MlipModel):
-            return f'`models.{key}` must be an MlipModel (mlip.model), got {type(model).__name__}'
-    where: dict = {}
-    for key in sorted(structures):
-        for element in structures[key].get_symbols_set():
-            where.setdefault(element, []).append(key)
-    problems = []
-    for key in sorted(models):
-        model = models[key]
-        missing = model.covers(where)
-        if missing:
-            details = '; '.join(f'{element} (in {", ".join(where[element][:5])})' for element in missing)
-            problems.append(
-                f'model `{key}` (MlipModel<{model.pk}>, elements {" ".join(model.elements)}) does not cover {details}'
-            )
-    if problems:
-        return 'elements missing from the model: ' + ' | '.join(problems)
-    return None
+    return models_type_problem(models) or check_models_cover(models, structures)
 
 
 def starting_structures(inputs: Mapping[str, Any]) -> dict:
@@ -175,17 +137,23 @@ def validate_inputs(value, ctx=None) -> Optional[str]:
     return models_problem(value.get('models') or {}, structures)
 
 
-class MlipMdCalculation(CalcJob):
+class MlipMdCalculation(EngineCalcJob):
     """Langevin-NVT or NVE molecular dynamics with an MLIP (or committee) for several temperatures in one job."""
+
+    ENGINE_MODULE = ENGINE_MODULE
+    PARSER_NAME = 'mlip.md'
+    ENGINE_LABEL = 'MD'
+    MODELS_HELP = ('MLIP models by key: one = single model, several = committee (the committee mean drives the '
+                   'dynamics; the per-frame committee deviation is recorded).')
+    STRUCTURES_FILENAME = STRUCTURES_FILENAME
+    RESULTS_FILENAME = RESULTS_FILENAME
+    SUMMARY_FILENAME = SUMMARY_FILENAME
+    KEYS_FILENAME = KEYS_FILENAME
+    EXTRA_RETRIEVE = (TRAJECTORY_FILENAME,)
 
     @classmethod
     def define(cls, spec):
         super().define(spec)
-        spec.input_namespace(
-            'models', valid_type=MlipModel, dynamic=True, required=True,
-            help='MLIP models by key: one = single model, several = committee (the committee mean drives the '
-                 'dynamics; the per-frame committee deviation is recorded).',
-        )  # fmt: skip
         spec.input('structure', valid_type=orm.StructureData, required=False,
                    help='The starting structure. Exclusive with `structures`.')
         spec.input_namespace(
@@ -208,21 +176,7 @@ class MlipMdCalculation(CalcJob):
         spec.input('min_distance', valid_type=orm.Float, default=lambda: orm.Float(DEFAULT_MIN_DISTANCE),
                    help='Stop a run (stopped_early, with the reason) when two atoms come closer than this (Å); '
                         'checked every step, not only on saved frames.')
-        spec.input('dtype', valid_type=orm.Str, required=False,
-                   help="'float32' or 'float64'; default: the dtype the model was stored with.")
-        spec.input(
-            'threads', valid_type=orm.Int, default=lambda: orm.Int(1),
-            help='torch threads, also exported as OMP_NUM_THREADS/MKL_NUM_THREADS in the job. Never more than the '
-                 'cores the job really has: oversubscribed OpenMP made MACE inference ~15x slower.',
-        )  # fmt: skip
         spec.inputs.validator = validate_inputs
-
-        options = spec.inputs['metadata']['options']
-        options['resources'].default = {'num_machines': 1, 'num_mpiprocs_per_machine': 1}
-        options['withmpi'].default = False
-        options['parser_name'].default = 'mlip.md'
-        options['input_filename'].default = STRUCTURES_FILENAME
-        options['output_filename'].default = RESULTS_FILENAME
 
         spec.output_namespace(
             'trajectories', valid_type=orm.TrajectoryData, dynamic=True,
@@ -244,91 +198,32 @@ class MlipMdCalculation(CalcJob):
         )  # fmt: skip
         spec.default_output_node = 'summary'
 
-        spec.exit_code(300, 'ERROR_MISSING_OUTPUT_FILES',
-                       message='The engine did not write its output files: {message}')
-        spec.exit_code(301, 'ERROR_MISSING_ELEMENT',
-                       message='A structure contains an element a model was not trained on: {message}')
-        spec.exit_code(302, 'ERROR_UNREADABLE_MODEL', message='A model file could not be read: {message}')
-        spec.exit_code(303, 'ERROR_UNREADABLE_STRUCTURES', message='The structure file could not be read: {message}')
-        spec.exit_code(304, 'ERROR_ENGINE_FAILED', message='The MD engine failed: {message}')
-        spec.exit_code(310, 'ERROR_OUTPUT_CORRUPT', message='The output files are corrupt or inconsistent: {message}')
-
-    def prepare_for_submission(self, folder):
-        """Write ONE extxyz with every starting cell and the sha256-verified model files; run the engine once."""
-        import ase.io
-        from ase import Atoms
-
+    # ---- the job folder (EngineCalcJob.prepare_for_submission) ---------------------------------------
+    def engine_frames(self) -> list:
         structures = starting_structures(self.inputs)
-        structure_keys = sorted(structures)
-        frames = []
-        for key in structure_keys:
-            atoms = structures[key].get_ase()
-            frames.append(Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc))
-        with folder.open(STRUCTURES_FILENAME, 'w') as handle:
-            ase.io.write(handle, frames, format='extxyz')
+        return [structure_to_atoms(structures[key]) for key in sorted(structures)]
 
-        temperatures = [float(t) for t in self.inputs.temperatures.get_list()]
-        model_keys = sorted(self.inputs.models)
+    def job_keys(self) -> dict:
+        structure_keys = sorted(starting_structures(self.inputs))
+        temperatures = self._temperatures()
+        pairs = [(s, t) for s in structure_keys for t in temperatures]
         runs = [
             {'key': run_key(index), 'structure_key': structure_key, 'temperature': temperature}
-            for index, (structure_key, temperature) in enumerate(
-                (s, t) for s in structure_keys for t in temperatures
-            )
+            for index, (structure_key, temperature) in enumerate(pairs)
         ]
-        with folder.open(KEYS_FILENAME, 'w') as handle:
-            json.dump(
-                {
-                    'structure_keys': structure_keys,
-                    'temperatures': temperatures,
-                    'runs': runs,
-                    'model_keys': model_keys,
-                    'model_uuids': [self.inputs.models[key].uuid for key in model_keys],
-                    'model_sha256': [self.inputs.models[key].sha256 for key in model_keys],
-                },
-                handle,
-            )
+        return {'structure_keys': structure_keys, 'temperatures': temperatures, 'runs': runs}
 
-        model_files = []
-        for index, key in enumerate(model_keys):
-            name = model_filename(index)
-            self.inputs.models[key].write_verified(folder.get_abs_path(name))
-            model_files.append(name)
+    def engine_arguments(self) -> list:
+        return ['--structure', STRUCTURES_FILENAME,
+                '--temperature', *[repr(t) for t in self._temperatures()],
+                '--steps', str(int(self.inputs.steps.value)),
+                '--timestep', repr(float(self.inputs.timestep_fs.value)),
+                '--interval', str(int(self.inputs.interval.value)),
+                '--seed', str(int(self.inputs.seed.value)),
+                '--ensemble', self.inputs.ensemble.value,
+                '--friction', repr(float(self.inputs.friction.value)),
+                '--min-distance', repr(float(self.inputs.min_distance.value)),
+                '--output', RESULTS_FILENAME, '--summary', SUMMARY_FILENAME, '--trajectory', TRAJECTORY_FILENAME]
 
-        threads = int(self.inputs.threads.value)
-        params = ['-m', ENGINE_MODULE, '--models', *model_files, '--structure', STRUCTURES_FILENAME,
-                  '--temperature', *[repr(t) for t in temperatures],
-                  '--steps', str(int(self.inputs.steps.value)),
-                  '--timestep', repr(float(self.inputs.timestep_fs.value)),
-                  '--interval', str(int(self.inputs.interval.value)),
-                  '--seed', str(int(self.inputs.seed.value)),
-                  '--ensemble', self.inputs.ensemble.value,
-                  '--friction', repr(float(self.inputs.friction.value)),
-                  '--min-distance', repr(float(self.inputs.min_distance.value)),
-                  '--output', RESULTS_FILENAME, '--summary', SUMMARY_FILENAME, '--trajectory', TRAJECTORY_FILENAME,
-                  '--threads', str(threads)]  # fmt: skip
-        if 'dtype' in self.inputs:
-            params += ['--dtype', self.inputs.dtype.value]
-
-        codeinfo = datastructures.CodeInfo()
-        codeinfo.code_uuid = self.inputs.code.uuid
-        codeinfo.cmdline_params = params
-        codeinfo.stdout_name = STDOUT_FILENAME
-        codeinfo.stderr_name = STDERR_FILENAME
-        codeinfo.withmpi = self.inputs.metadata.options.withmpi
-
-        calcinfo = datastructures.CalcInfo()
-        calcinfo.codes_info = [codeinfo]
-        calcinfo.local_copy_list = []
-        calcinfo.remote_copy_list = []
-        calcinfo.prepend_text = '\n'.join(
-            [f'export OMP_NUM_THREADS={threads}', f'export MKL_NUM_THREADS={threads}',
-             'export OMP_WAIT_POLICY=PASSIVE']
-        )  # fmt: skip
-        # The engine's exit status classifies failures; only exact right after the run line (no user append_text).
-        if not self.inputs.metadata.options.get('append_text'):
-            calcinfo.append_text = f'echo $? > {EXIT_CODE_FILENAME}'
-        calcinfo.retrieve_list = [
-            RESULTS_FILENAME, SUMMARY_FILENAME, TRAJECTORY_FILENAME, KEYS_FILENAME, STDOUT_FILENAME, STDERR_FILENAME,
-            EXIT_CODE_FILENAME,
-        ]  # fmt: skip
-        return calcinfo
+    def _temperatures(self) -> list:
+        return [float(t) for t in self.inputs.temperatures.get_list()]

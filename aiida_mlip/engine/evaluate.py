@@ -71,6 +71,56 @@ def _torch():
     return torch
 
 
+#: Submodules of ``mace.tools`` that model loading and inference take names from (see :func:`light_mace_tools`).
+_MACE_TOOLS_INFERENCE = ('torch_tools', 'utils', 'default_keys', 'scatter', 'cg', 'torch_geometric')
+
+
+def light_mace_tools() -> bool:
+    """Make ``mace.tools`` importable without its ``__init__`` (mace's training stack); True if installed.
+
+    ``mace/tools/__init__.py`` imports everything of the package, including ``mace.tools.train`` (torchmetrics,
+    and matplotlib through ``mace.cli.visualise_train``), checkpoints and the argument parsers. ``mace.modules``
+    (needed to unpickle a model) and ``mace.data`` take names from ``mace.tools`` (``from mace.tools import
+    to_numpy``), so importing mace's submodules directly does not avoid that ``__init__``. This registers the
+    package module WITHOUT running it; a name asked of it is looked up in the submodules inference uses
+    (:data:`_MACE_TOOLS_INFERENCE`), and any other name runs the real ``__init__`` once (the full import, as
+    without this function). Only the engine command calls it, before its first mace import (about 1 s of CPU per
+    job, docs/performance.md); it does nothing when ``mace.tools`` is imported already or cannot be found.
+    """
+    if 'mace.tools' in sys.modules:
+        return False
+    import importlib
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec('mace.tools')
+    except ImportError:
+        return False
+    if spec is None or spec.loader is None or not spec.submodule_search_locations:
+        return False
+    package = importlib.util.module_from_spec(spec)
+    missing = object()
+
+    def __getattr__(name):
+        if name.startswith('__'):
+            raise AttributeError(name)
+        for submodule_name in _MACE_TOOLS_INFERENCE:
+            submodule = importlib.import_module(f'{spec.name}.{submodule_name}')
+            if submodule_name == name:
+                return submodule
+            value = getattr(submodule, name, missing)
+            if value is not missing:
+                return value
+        # Not an inference name: become the real package (run its __init__ in this module) and answer from it.
+        del package.__getattr__
+        spec.loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__getattr__ = __getattr__
+    sys.modules[spec.name] = package
+    return True
+
+
 def load_models(
     paths: Sequence[os.PathLike | str],
     device: str = 'cpu',
@@ -397,34 +447,36 @@ def fail(message: str, code: int) -> int:
     return code
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog='python -m aiida_mlip.engine.evaluate',
-        description='Evaluate all structures of a file with one MACE model or a committee.',
-    )
+# ---- command line (shared with md.py) ------------------------------------------------------------------------------
+
+def engine_parser(prog: str, description: str, output: str) -> argparse.ArgumentParser:
+    """Argument parser with the options every engine command has (models, output files, dtype, device, threads)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument('--models', nargs='+', required=True, help='MACE model files (several = committee)')
-    parser.add_argument('--structures', required=True, help='structure file, all frames are read')
-    parser.add_argument('--output', default='results.npz', help='npz output (a .json summary is written next to it)')
+    parser.add_argument('--output', default=output, help='npz output (a .json summary is written next to it)')
     parser.add_argument('--summary', default=None, help='summary JSON path (default: output with .json suffix)')
-    parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--dtype', choices=['float64', 'float32'], default=None, help='default: the model dtype')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--head', default=None, help='model head (default: the only/"default" one)')
     parser.add_argument('--threads', type=int, default=1, help='torch.set_num_threads')
-    parser.add_argument('--no-stress', action='store_true', help='skip the stress (cell-gradient) computation')
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry point; returns the exit code (0 ok, 2 missing element, 3 bad model, 4 bad structures)."""
-    args = _parser().parse_args(argv)
-    t_start = time.perf_counter()
-    set_threads(args.threads)
+def run_engine(args: argparse.Namespace, structures: str, job) -> int:
+    """What every engine command does around its work; returns the exit status.
 
+    Pins the threads, reads every frame of ``structures``, loads the models ONCE and checks their elements (each
+    failure: one ``ERROR:`` line on stderr and exit status 4, 3 or 2), then calls ``job(models, atoms_list)``, which
+    writes ``args.output`` and returns ``(summary, message)``. The summary gets the model files and checksums, the
+    wall time and the software versions and is written as JSON next to the output; the message goes to stdout.
+    """
+    t_start = time.perf_counter()
+    light_mace_tools()
+    set_threads(args.threads)
     try:
-        atoms_list = read_structures(args.structures)
+        atoms_list = read_structures(structures)
     except Exception as exc:  # noqa: BLE001
-        return fail(f'cannot read structures {args.structures}: {type(exc).__name__}: {exc}', EXIT_BAD_STRUCTURES)
+        return fail(f'cannot read structures {structures}: {type(exc).__name__}: {exc}', EXIT_BAD_STRUCTURES)
     try:
         models = load_models(args.models, device=args.device, dtype=args.dtype)
         sha256 = [file_sha256(p) for p in args.models]
@@ -435,35 +487,75 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MissingElementsError as exc:
         return fail(str(exc), EXIT_MISSING_ELEMENT)
 
-    t_eval = time.perf_counter()
-    results = evaluate(
-        models, atoms_list, batch_size=args.batch_size, compute_stress=not args.no_stress, head=args.head
-    )
-    eval_seconds = time.perf_counter() - t_eval
-
+    summary, message = job(models, atoms_list)
     output = Path(args.output)
-    write_npz_atomic(output, results_to_arrays(results, atoms_list))
-    summary = {
-        'n_structures': len(atoms_list),
-        'n_models': len(models),
-        'n_atoms_total': int(results['n_atoms'].sum()),
-        'committee': len(models) > 1,
-        'compute_stress': not args.no_stress,
-        'batch_size': args.batch_size,
-        'dtype': str(next(models[0].parameters()).dtype).replace('torch.', ''),
-        'threads': args.threads,
+    versions = software_versions()
+    summary.update({
         'models': [str(p) for p in args.models],
         'model_sha256': sha256,
-        'eval_seconds': eval_seconds,
         'wall_seconds': time.perf_counter() - t_start,
-        'mace_version': software_versions()['mace'],
-        'versions': software_versions(),
+        'mace_version': versions['mace'],
+        'versions': versions,
         'output': output.name,
-    }
+    })  # fmt: skip
     write_json(args.summary or output.with_suffix('.json'), summary)
-    print(f'evaluated {len(atoms_list)} structures with {len(models)} model(s) in {eval_seconds:.2f} s')
+    print(message)
     return EXIT_OK
 
 
+def exit_process(status: int) -> None:
+    """End the engine process NOW with ``status``, skipping the interpreter's shutdown.
+
+    By the time ``main`` returns, every output is complete: the npz and the JSON are written to temporary files,
+    closed and renamed into place (:func:`write_npz_atomic`, :func:`write_json`), the extxyz trajectory is written
+    and closed by ``ase.io.write``; only stdout/stderr may still hold buffered text, flushed here. What
+    :func:`os._exit` skips is the normal interpreter shutdown: garbage collection of every module (torch, mace,
+    e3nn, sympy, scipy: ~1.3 s for an engine process, measured in docs/performance.md), ``atexit`` handlers (the
+    engine registers none) and the flushing of Python-level file objects (all closed already). A job waits for
+    that shutdown for nothing; the exit status is the same.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = engine_parser(
+        'python -m aiida_mlip.engine.evaluate', 'Evaluate all structures of a file with one MACE model or a committee.',
+        output='results.npz',
+    )
+    parser.add_argument('--structures', required=True, help='structure file, all frames are read')
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--no-stress', action='store_true', help='skip the stress (cell-gradient) computation')
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point; returns the exit code (0 ok, 2 missing element, 3 bad model, 4 bad structures)."""
+    args = _parser().parse_args(argv)
+
+    def job(models, atoms_list):
+        t_eval = time.perf_counter()
+        results = evaluate(
+            models, atoms_list, batch_size=args.batch_size, compute_stress=not args.no_stress, head=args.head
+        )
+        eval_seconds = time.perf_counter() - t_eval
+        write_npz_atomic(args.output, results_to_arrays(results, atoms_list))
+        summary = {
+            'n_structures': len(atoms_list),
+            'n_models': len(models),
+            'n_atoms_total': int(results['n_atoms'].sum()),
+            'committee': len(models) > 1,
+            'compute_stress': not args.no_stress,
+            'batch_size': args.batch_size,
+            'dtype': str(next(models[0].parameters()).dtype).replace('torch.', ''),
+            'threads': args.threads,
+            'eval_seconds': eval_seconds,
+        }
+        return summary, f'evaluated {len(atoms_list)} structures with {len(models)} model(s) in {eval_seconds:.2f} s'
+
+    return run_engine(args, args.structures, job)
+
+
 if __name__ == '__main__':
-    sys.exit(main())
+    exit_process(main())

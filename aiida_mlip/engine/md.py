@@ -15,51 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 try:
-    from .evaluate import (
-        EXIT_BAD_MODEL,
-        EXIT_BAD_STRUCTURES,
-        EXIT_MISSING_ELEMENT,
-        EXIT_OK,
-        MissingElementsError,
-        ModelLoadError,
-        check_elements,
-        evaluate,
-        fail,
-        file_sha256,
-        load_models,
-        read_structures,
-        set_threads,
-        software_versions,
-        write_json,
-        write_npz_atomic,
-    )
+    from . import evaluate as core
 except ImportError:  # executed as a plain script copied next to evaluate.py
-    from evaluate import (  # type: ignore[no-redef]
-        EXIT_BAD_MODEL,
-        EXIT_BAD_STRUCTURES,
-        EXIT_MISSING_ELEMENT,
-        EXIT_OK,
-        MissingElementsError,
-        ModelLoadError,
-        check_elements,
-        evaluate,
-        fail,
-        file_sha256,
-        load_models,
-        read_structures,
-        set_threads,
-        software_versions,
-        write_json,
-        write_npz_atomic,
-    )
+    import evaluate as core  # type: ignore[no-redef]
 
 #: Per-run arrays in the MD npz; stored as ``run{k}/{name}``.
 MD_RUN_KEYS = (
@@ -101,7 +65,7 @@ def _committee_calculator_class():
 
         def calculate(self, atoms=None, properties=None, system_changes=all_changes):
             super().calculate(atoms, properties, system_changes)
-            res = evaluate(
+            res = core.evaluate(
                 self.models, [self.atoms], batch_size=1, compute_stress=self.compute_stress, head=self.head
             )
             energy = float(res['energies'][:, 0].mean())
@@ -181,7 +145,7 @@ def run_md(
     model_paths = list(model_paths)
     is_path = [isinstance(m, (str, os.PathLike)) for m in model_paths]
     if all(is_path):
-        models = load_models(model_paths, device=device, dtype=dtype)
+        models = core.load_models(model_paths, device=device, dtype=dtype)
     elif not any(is_path):
         models = model_paths
     else:
@@ -189,7 +153,7 @@ def run_md(
     committee = len(models) > 1
     atoms = atoms.copy()
     atoms.calc = None
-    check_elements(models, [atoms])
+    core.check_elements(models, [atoms])
     atoms.calc = make_calculator(models, compute_stress=False, head=head)
     if rng is None:
         rng = np.random.default_rng(seed)
@@ -312,11 +276,11 @@ def md_frames_to_atoms(result: Dict[str, Any], info: Optional[Dict[str, Any]] = 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog='python -m aiida_mlip.engine.md',
-        description='MD with a MACE model/committee for every (structure frame, temperature) pair.',
+    parser = core.engine_parser(
+        'python -m aiida_mlip.engine.md',
+        'MD with a MACE model/committee for every (structure frame, temperature) pair.',
+        output='md.npz',
     )
-    parser.add_argument('--models', nargs='+', required=True, help='MACE model files (several = committee)')
     parser.add_argument('--structure', required=True, help='structure file; every frame is a starting point')
     parser.add_argument('--temperature', type=float, nargs='+', required=True, help='one or more temperatures (K)')
     parser.add_argument('--timestep', type=float, default=1.0, help='fs')
@@ -326,13 +290,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--ensemble', choices=['nvt', 'nve'], default='nvt')
     parser.add_argument('--friction', type=float, default=0.01, help='Langevin friction (1/fs)')
     parser.add_argument('--min-distance', type=float, default=0.3, help='stop when atoms get closer (A)')
-    parser.add_argument('--output', default='md.npz')
-    parser.add_argument('--summary', default=None, help='summary JSON (default: output with .json suffix)')
     parser.add_argument('--trajectory', default=None, help='extxyz with all saved frames of all runs')
-    parser.add_argument('--dtype', choices=['float64', 'float32'], default=None)
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--head', default=None)
-    parser.add_argument('--threads', type=int, default=1)
     return parser
 
 
@@ -345,91 +303,70 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     2 missing element, 3 unreadable model, 4 unreadable structure.
     """
     args = _parser().parse_args(argv)
-    t_start = time.perf_counter()
-    set_threads(args.threads)
-    try:
-        structures = read_structures(args.structure)
-    except Exception as exc:  # noqa: BLE001
-        return fail(f'cannot read structures {args.structure}: {type(exc).__name__}: {exc}', EXIT_BAD_STRUCTURES)
-    try:
-        models = load_models(args.models, device=args.device, dtype=args.dtype)
-        sha256 = [file_sha256(p) for p in args.models]
-    except ModelLoadError as exc:
-        return fail(str(exc), EXIT_BAD_MODEL)
-    try:
-        check_elements(models, structures)
-    except MissingElementsError as exc:
-        return fail(str(exc), EXIT_MISSING_ELEMENT)
 
-    arrays: Dict[str, np.ndarray] = {}
-    runs, images = [], []
-    pairs = [(s, t) for s in range(len(structures)) for t in args.temperature]
-    for k, (s_index, temperature) in enumerate(pairs):
-        t_run = time.perf_counter()
-        result = run_md(
-            models,
-            structures[s_index],
-            temperature_k=temperature,
-            timestep_fs=args.timestep,
-            n_steps=args.steps,
-            interval=args.interval,
-            seed=args.seed,
-            ensemble=args.ensemble,
-            friction=args.friction,
-            min_distance=args.min_distance,
-            head=args.head,
-            rng=np.random.default_rng([args.seed, k]),
-        )
-        for key, value in result.items():
-            arrays[f'run{k}/{key}'] = np.asarray(value)
-        runs.append(
-            {
-                'index': k,
-                'structure_index': s_index,
-                'temperature': temperature,
-                'n_frames': int(len(result['step'])),
-                'n_steps_done': result['n_steps_done'],
-                'stopped_early': result['stopped_early'],
-                'reason': result['reason'],
-                'wall_seconds': time.perf_counter() - t_run,
-            }
-        )
-        if args.trajectory:
-            images.extend(
-                md_frames_to_atoms(result, {'run': k, 'structure_index': s_index, 'md_target_temperature': temperature})
+    def job(models, structures):
+        arrays: Dict[str, np.ndarray] = {}
+        runs, images = [], []
+        pairs = [(s, t) for s in range(len(structures)) for t in args.temperature]
+        for k, (s_index, temperature) in enumerate(pairs):
+            t_run = time.perf_counter()
+            result = run_md(
+                models,
+                structures[s_index],
+                temperature_k=temperature,
+                timestep_fs=args.timestep,
+                n_steps=args.steps,
+                interval=args.interval,
+                seed=args.seed,
+                ensemble=args.ensemble,
+                friction=args.friction,
+                min_distance=args.min_distance,
+                head=args.head,
+                rng=np.random.default_rng([args.seed, k]),
             )
-    arrays['run_structure_index'] = np.array([p[0] for p in pairs], dtype=np.int64)
-    arrays['run_temperature'] = np.array([p[1] for p in pairs], dtype=float)
+            for key, value in result.items():
+                arrays[f'run{k}/{key}'] = np.asarray(value)
+            runs.append(
+                {
+                    'index': k,
+                    'structure_index': s_index,
+                    'temperature': temperature,
+                    'n_frames': int(len(result['step'])),
+                    'n_steps_done': result['n_steps_done'],
+                    'stopped_early': result['stopped_early'],
+                    'reason': result['reason'],
+                    'wall_seconds': time.perf_counter() - t_run,
+                }
+            )
+            if args.trajectory:
+                images.extend(md_frames_to_atoms(
+                    result, {'run': k, 'structure_index': s_index, 'md_target_temperature': temperature}
+                ))  # fmt: skip
+        arrays['run_structure_index'] = np.array([p[0] for p in pairs], dtype=np.int64)
+        arrays['run_temperature'] = np.array([p[1] for p in pairs], dtype=float)
 
-    output = Path(args.output)
-    write_npz_atomic(output, arrays)
-    if args.trajectory:
-        import ase.io
+        core.write_npz_atomic(args.output, arrays)
+        if args.trajectory:
+            import ase.io
 
-        ase.io.write(args.trajectory, images, format='extxyz')
-    summary = {
-        'n_runs': len(pairs),
-        'n_models': len(models),
-        'committee': len(models) > 1,
-        'ensemble': args.ensemble,
-        'timestep_fs': args.timestep,
-        'steps': args.steps,
-        'interval': args.interval,
-        'seed': args.seed,
-        'friction_per_fs': args.friction,
-        'runs': runs,
-        'n_stopped_early': sum(r['stopped_early'] for r in runs),
-        'models': [str(p) for p in args.models],
-        'model_sha256': sha256,
-        'wall_seconds': time.perf_counter() - t_start,
-        'mace_version': software_versions()['mace'],
-        'versions': software_versions(),
-        'output': output.name,
-    }
-    write_json(args.summary or output.with_suffix('.json'), summary)
-    print(f'{len(pairs)} MD run(s), {summary["n_stopped_early"]} stopped early')
-    return EXIT_OK
+            ase.io.write(args.trajectory, images, format='extxyz')
+        summary = {
+            'n_runs': len(pairs),
+            'n_models': len(models),
+            'committee': len(models) > 1,
+            'ensemble': args.ensemble,
+            'timestep_fs': args.timestep,
+            'steps': args.steps,
+            'interval': args.interval,
+            'seed': args.seed,
+            'friction_per_fs': args.friction,
+            'runs': runs,
+            'n_stopped_early': sum(r['stopped_early'] for r in runs),
+        }
+        return summary, f'{len(pairs)} MD run(s), {summary["n_stopped_early"]} stopped early'
+
+    return core.run_engine(args, args.structure, job)
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    core.exit_process(main())

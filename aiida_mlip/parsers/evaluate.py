@@ -1,33 +1,12 @@
 """Parser of ``mlip.evaluate``: reads only the ``retrieved`` folder (results.npz, results.json, engine logs)."""
 from __future__ import annotations
 
-import io
-import json
-
 import numpy as np
 from aiida import orm
-from aiida.common import exceptions
-from aiida.parsers import Parser
 
-from aiida_mlip.calculations.evaluate import (
-    EXIT_CODE_FILENAME, KEYS_FILENAME, RESULTS_FILENAME, STDERR_FILENAME, STDOUT_FILENAME, SUMMARY_FILENAME,
-)
-from aiida_mlip.engine.evaluate import EXIT_BAD_MODEL, EXIT_BAD_STRUCTURES, EXIT_MISSING_ELEMENT, EXIT_OK
+from aiida_mlip.calculations.evaluate import RESULTS_FILENAME, SUMMARY_FILENAME, MlipEvaluateCalculation
+from aiida_mlip.parsers.engine import ENGINE_EXIT_CODES, ERROR_PATTERNS, EngineJobParser  # noqa: F401  (re-exported)
 
-#: engine exit status -> exit code label of the calculation
-ENGINE_EXIT_CODES = {
-    EXIT_MISSING_ELEMENT: 'ERROR_MISSING_ELEMENT',
-    EXIT_BAD_MODEL: 'ERROR_UNREADABLE_MODEL',
-    EXIT_BAD_STRUCTURES: 'ERROR_UNREADABLE_STRUCTURES',
-}
-#: Fallback when the exit status file is absent (a user append_text): classify the engine's ``ERROR:`` line.
-ERROR_PATTERNS = (
-    ('elements not supported', 'ERROR_MISSING_ELEMENT'),
-    ('cannot read structures', 'ERROR_UNREADABLE_STRUCTURES'),
-    ('cannot read model', 'ERROR_UNREADABLE_MODEL'),
-    ('does not contain a mace model', 'ERROR_UNREADABLE_MODEL'),
-    ('no model files', 'ERROR_UNREADABLE_MODEL'),
-)
 #: Summary keys copied from the engine's results.json.
 SUMMARY_KEYS = (
     'n_structures', 'n_models', 'n_atoms_total', 'committee', 'compute_stress', 'batch_size', 'dtype', 'threads',
@@ -35,68 +14,15 @@ SUMMARY_KEYS = (
 )
 
 
-class MlipEvaluateParser(Parser):
+class MlipEvaluateParser(EngineJobParser):
     """Turn the engine's npz into ArrayData outputs; map engine failures to exit codes 301-304, 300, 310, 311."""
 
-    def parse(self, **kwargs):
-        try:
-            retrieved = self.retrieved
-        except exceptions.NotExistent:
-            return self.exit_codes.ERROR_NO_RETRIEVED_FOLDER
-        names = set(retrieved.base.repository.list_object_names())
+    CALCULATION = MlipEvaluateCalculation
 
-        def read_text(name):
-            if name not in names:
-                return None
-            return retrieved.base.repository.get_object_content(name, mode='r')
+    def check_outputs(self, arrays: dict, summary: dict, keys_info: dict):
+        return _check_arrays(arrays, keys_info.get('keys'), summary, keys_info.get('model_keys'))
 
-        stderr = read_text(STDERR_FILENAME) or ''
-        error_lines = [line[len('ERROR:'):].strip() for line in stderr.splitlines() if line.startswith('ERROR:')]
-        error_message = error_lines[-1] if error_lines else None
-
-        status = None
-        status_text = read_text(EXIT_CODE_FILENAME)
-        if status_text is not None:
-            try:
-                status = int(status_text.strip())
-            except ValueError:
-                status = None
-
-        if status is not None and status != EXIT_OK:
-            label = ENGINE_EXIT_CODES.get(status, 'ERROR_ENGINE_FAILED')
-            message = error_message or _tail(stderr) or f'engine exit status {status}'
-            return self.exit_codes[label].format(message=message)
-        if status is None and error_message is not None:
-            lowered = error_message.lower()
-            label = next((lab for pattern, lab in ERROR_PATTERNS if pattern in lowered), 'ERROR_ENGINE_FAILED')
-            return self.exit_codes[label].format(message=error_message)
-
-        missing = [name for name in (RESULTS_FILENAME, SUMMARY_FILENAME) if name not in names]
-        if missing:
-            if self.node.exit_status:  # the scheduler parser already found a reason (out of memory, walltime, ...)
-                return None
-            detail = f'{", ".join(missing)} not retrieved'
-            scheduler_stderr = read_text(self.node.get_option('scheduler_stderr') or '') or ''
-            tail = _tail(stderr) or _tail(scheduler_stderr)
-            if tail:
-                detail += f'; engine stderr ends with: {tail}'
-            elif status is None and EXIT_CODE_FILENAME not in names:
-                detail += ' (the job script may not have run)'
-            return self.exit_codes.ERROR_MISSING_OUTPUT_FILES.format(message=detail)
-
-        try:
-            with retrieved.base.repository.open(RESULTS_FILENAME, 'rb') as handle:
-                with np.load(io.BytesIO(handle.read())) as npz:
-                    arrays = {name: npz[name] for name in npz.files}
-            summary = json.loads(read_text(SUMMARY_FILENAME))
-            keys_info = json.loads(read_text(KEYS_FILENAME)) if KEYS_FILENAME in names else {}
-        except Exception as exception:  # noqa: BLE001  (zip, pickle, json errors: all mean corrupt output)
-            return self.exit_codes.ERROR_OUTPUT_CORRUPT.format(message=f'{type(exception).__name__}: {exception}')
-
-        problem = _check_arrays(arrays, keys_info.get('keys'), summary, keys_info.get('model_keys'))
-        if problem:
-            return self.exit_codes.ERROR_OUTPUT_CORRUPT.format(message=problem)
-
+    def store_outputs(self, arrays: dict, summary: dict, keys_info: dict):
         n_models, n_struct = arrays['energies'].shape
         committee = n_models > 1
         keys = keys_info.get('keys', list(range(n_struct)))
@@ -154,11 +80,6 @@ class MlipEvaluateParser(Parser):
             result['max_force_deviation'] = float(arrays['max_force_deviation'].max())
         self.out('summary', orm.Dict(result))
         return None
-
-
-def _tail(text: str, lines: int = 3) -> str:
-    kept = [line.strip() for line in (text or '').splitlines() if line.strip()]
-    return ' | '.join(kept[-lines:])
 
 
 def _array_node(**arrays) -> orm.ArrayData:

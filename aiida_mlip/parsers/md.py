@@ -17,26 +17,12 @@ failure, 310 corrupt or inconsistent output.
 """
 from __future__ import annotations
 
-import io
-import json
-
 import numpy as np
 from aiida import orm
-from aiida.common import exceptions
-from aiida.parsers import Parser
 
-from aiida_mlip.calculations.md import (
-    EXIT_CODE_FILENAME, KEYS_FILENAME, RESULTS_FILENAME, STDERR_FILENAME, SUMMARY_FILENAME, run_key,
-)
-from aiida_mlip.engine.evaluate import EXIT_BAD_MODEL, EXIT_BAD_STRUCTURES, EXIT_MISSING_ELEMENT, EXIT_OK
-from aiida_mlip.parsers.evaluate import ERROR_PATTERNS
+from aiida_mlip.calculations.md import RESULTS_FILENAME, SUMMARY_FILENAME, MlipMdCalculation, run_key
+from aiida_mlip.parsers.engine import ENGINE_EXIT_CODES, EngineJobParser  # noqa: F401  (re-exported)
 
-#: engine exit status -> exit code label of the calculation
-ENGINE_EXIT_CODES = {
-    EXIT_MISSING_ELEMENT: 'ERROR_MISSING_ELEMENT',
-    EXIT_BAD_MODEL: 'ERROR_UNREADABLE_MODEL',
-    EXIT_BAD_STRUCTURES: 'ERROR_UNREADABLE_STRUCTURES',
-}
 #: Per-run arrays the engine must write (``run{k}/<name>`` in md.npz).
 REQUIRED_RUN_ARRAYS = (
     'step', 'times_fs', 'potential_energy', 'kinetic_energy', 'total_energy', 'temperature', 'positions', 'cells',
@@ -54,67 +40,15 @@ SUMMARY_KEYS = (
 )
 
 
-class MlipMdParser(Parser):
+class MlipMdParser(EngineJobParser):
     """Turn the engine's npz into TrajectoryData/ArrayData per run and a summary; engine failures to 300-304, 310."""
 
-    def parse(self, **kwargs):
-        try:
-            retrieved = self.retrieved
-        except exceptions.NotExistent:
-            return self.exit_codes.ERROR_NO_RETRIEVED_FOLDER
-        names = set(retrieved.base.repository.list_object_names())
+    CALCULATION = MlipMdCalculation
 
-        def read_text(name):
-            if name not in names:
-                return None
-            return retrieved.base.repository.get_object_content(name, mode='r')
+    def check_outputs(self, arrays: dict, summary: dict, keys_info: dict):
+        return check_md_arrays(arrays, keys_info, summary)
 
-        stderr = read_text(STDERR_FILENAME) or ''
-        error_lines = [line[len('ERROR:'):].strip() for line in stderr.splitlines() if line.startswith('ERROR:')]
-        error_message = error_lines[-1] if error_lines else None
-
-        status = None
-        status_text = read_text(EXIT_CODE_FILENAME)
-        if status_text is not None:
-            try:
-                status = int(status_text.strip())
-            except ValueError:
-                status = None
-
-        if status is not None and status != EXIT_OK:
-            label = ENGINE_EXIT_CODES.get(status, 'ERROR_ENGINE_FAILED')
-            message = error_message or _tail(stderr) or f'engine exit status {status}'
-            return self.exit_codes[label].format(message=message)
-        if status is None and error_message is not None:
-            lowered = error_message.lower()
-            label = next((lab for pattern, lab in ERROR_PATTERNS if pattern in lowered), 'ERROR_ENGINE_FAILED')
-            return self.exit_codes[label].format(message=error_message)
-
-        missing = [name for name in (RESULTS_FILENAME, SUMMARY_FILENAME) if name not in names]
-        if missing:
-            if self.node.exit_status:  # the scheduler parser already found a reason (out of memory, walltime, ...)
-                return None
-            detail = f'{", ".join(missing)} not retrieved'
-            tail = _tail(stderr)
-            if tail:
-                detail += f'; engine stderr ends with: {tail}'
-            elif status is None and EXIT_CODE_FILENAME not in names:
-                detail += ' (the job script may not have run)'
-            return self.exit_codes.ERROR_MISSING_OUTPUT_FILES.format(message=detail)
-
-        try:
-            with retrieved.base.repository.open(RESULTS_FILENAME, 'rb') as handle:
-                with np.load(io.BytesIO(handle.read())) as npz:
-                    arrays = {name: npz[name] for name in npz.files}
-            summary = json.loads(read_text(SUMMARY_FILENAME))
-            keys_info = json.loads(read_text(KEYS_FILENAME)) if KEYS_FILENAME in names else {}
-        except Exception as exception:  # noqa: BLE001  (zip, pickle, json errors: all mean corrupt output)
-            return self.exit_codes.ERROR_OUTPUT_CORRUPT.format(message=f'{type(exception).__name__}: {exception}')
-
-        problem = check_md_arrays(arrays, keys_info, summary)
-        if problem:
-            return self.exit_codes.ERROR_OUTPUT_CORRUPT.format(message=problem)
-
+    def store_outputs(self, arrays: dict, summary: dict, keys_info: dict):
         n_runs = len(arrays['run_temperature'])
         planned = keys_info.get('runs') or [{} for _ in range(n_runs)]
         engine_runs = summary.get('runs') or [{} for _ in range(n_runs)]
@@ -169,11 +103,6 @@ class MlipMdParser(Parser):
             self.logger.warning(f'{result["n_stopped_early"]} of {n_runs} MD run(s) stopped early: {stopped}')
         self.out('summary', orm.Dict(result))
         return None
-
-
-def _tail(text: str, lines: int = 3) -> str:
-    kept = [line.strip() for line in (text or '').splitlines() if line.strip()]
-    return ' | '.join(kept[-lines:])
 
 
 def trajectory_node(run: dict) -> orm.TrajectoryData:

@@ -133,11 +133,12 @@ MLIP_CODES = {
     'mace_train': ('mace-train', 'mlip.mace_train', 'python running mace_run_train (mace-torch) for MaceTrainCalculation'),
     'evaluate': ('mlip-evaluate', 'mlip.evaluate', 'python running aiida_mlip.engine for MlipEvaluateCalculation'),
     'md': ('mlip-md', 'mlip.md', 'python running aiida_mlip.engine.md for MlipMdCalculation'),
+    'relax': ('mlip-relax', 'mlip.relax', 'python running aiida_mlip.engine.relax for MlipRelaxCalculation'),
 }
 
 
 def ensure_mlip_codes(computer, executable: str | None = None) -> dict:
-    """The python codes of the MLIP plugins on ``computer``: ``{'mace_train': code, 'evaluate': code, 'md': code}``.
+    """The python codes of the MLIP plugins on ``computer``: ``{'mace_train', 'evaluate', 'md', 'relax'}`` -> code.
 
     Both run ``executable`` (default :func:`python_executable`, this environment's interpreter, which has
     mace-torch and aiida_mlip installed); serial (``withmpi`` False), one OpenMP thread unless the job sets more.

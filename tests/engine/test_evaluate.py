@@ -43,6 +43,26 @@ def test_import_does_not_pull_aiida_or_torch(engine_env, repo_root):
         assert 'import aiida\n' not in source and 'from aiida ' not in source and 'from aiida.' not in source
 
 
+def test_light_mace_tools_skips_the_training_stack(model_path, engine_env):
+    """The engine command loads and runs a model without mace's training stack; other names still resolve."""
+    code = (
+        'import sys\n'
+        'from aiida_mlip.engine.evaluate import evaluate, light_mace_tools, load_models\n'
+        'assert light_mace_tools()\n'
+        'models = load_models([sys.argv[1]])\n'
+        'from ase.build import bulk\n'
+        "result = evaluate(models, [bulk('Si', 'diamond', a=5.43)], compute_stress=False)\n"
+        "assert result['energies'].shape == (1, 1)\n"
+        "heavy = sorted(m for m in ('torchmetrics', 'matplotlib', 'mace.tools.train') if m in sys.modules)\n"
+        'assert not heavy, heavy\n'
+        'from mace.tools import AtomicNumberTable, build_default_arg_parser  # the second runs the real __init__\n'
+        "assert 'mace.tools.train' in sys.modules and not light_mace_tools()\n"
+    )
+    proc = subprocess.run([sys.executable, '-c', code, str(model_path)], env=engine_env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_batched_matches_ase_calculator(model_path, test_structures):
     from aiida_mlip.engine.evaluate import evaluate, load_models
 

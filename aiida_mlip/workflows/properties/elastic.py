@@ -8,12 +8,16 @@ Internal relaxation is not done: the engines evaluate single points, so the resu
 (output attribute ``clamped_ion: True``). For crystals whose atoms are not all at centres of inversion, some
 constants relax: in diamond Si the clamped-ion C44 is ~110 GPa against ~75 GPa relaxed-ion (PBE), while C11
 and C12 are unaffected. Compare an MLIP with DFT like for like (both clamped-ion), not with experiment.
+
+With ``relax`` True the structure is first relaxed (positions and, with ``relax_cell``, the cell) with the same
+engine and the strains are applied to the relaxed structure; the strained cells themselves are still NOT relaxed
+internally, so the tensor stays clamped-ion.
 """
 from __future__ import annotations
 
 import numpy as np
 from aiida import orm
-from aiida.engine import ToContext, WorkChain, calcfunction
+from aiida.engine import ToContext, WorkChain, calcfunction, if_
 
 from aiida_mlip.analysis.elastic import (
     born_stability, fit_elastic_tensor, strain_to_voigt, stress_to_voigt, symmetrize_elastic_tensor,
@@ -21,7 +25,7 @@ from aiida_mlip.analysis.elastic import (
 )
 from aiida_mlip.calculations.sampling import strain_structure
 from aiida_mlip.workflows.checks import structure_problem
-from aiida_mlip.workflows.properties.engine import EngineMixin, validate_engine
+from aiida_mlip.workflows.properties.engine import EngineMixin, validate_engine, validate_relax
 
 #: eV/Å³ -> GPa
 EV_PER_A3_TO_GPA = 160.2176634
@@ -247,7 +251,7 @@ def validate_inputs(inputs, ctx):
         return problem
     if 'crystal_system' in inputs and inputs['crystal_system'].value not in CRYSTAL_SYSTEMS:
         return f'crystal_system must be one of {", ".join(CRYSTAL_SYSTEMS)}, got `{inputs["crystal_system"].value}`'
-    return structure_problem('structure', inputs['structure'])
+    return structure_problem('structure', inputs['structure']) or validate_relax(inputs, ctx)
 
 
 class ElasticWorkChain(EngineMixin, WorkChain):
@@ -266,8 +270,9 @@ class ElasticWorkChain(EngineMixin, WorkChain):
                    help=f'One of {", ".join(CRYSTAL_SYSTEMS)}; default: detected with spglib (symprec {SYMPREC} Å). '
                         'Decides the symmetry projection of C.')
         cls.define_engine(spec)
+        cls.define_relax(spec)
         spec.inputs.validator = validate_inputs
-        spec.outline(cls.run_strains, cls.fit, cls.results)
+        spec.outline(if_(cls.should_relax)(cls.run_relax, cls.inspect_relax), cls.run_strains, cls.fit, cls.results)
         spec.output('elastic', valid_type=orm.Dict,
                     help='Clamped-ion C (6x6 GPa, raw and symmetrised), crystal system, VRH bulk/shear moduli, '
                          'Born stability verdict and reason, fit diagnostics.')
@@ -281,7 +286,7 @@ class ElasticWorkChain(EngineMixin, WorkChain):
         """One calcfunction makes the reference (``structure_000``) and the strained cells; one engine run."""
         strains = [np.zeros((3, 3)).tolist()]
         strains += [eps.tolist() for _, _, eps in voigt_strain_matrices(self.inputs.strain_magnitudes.get_list())]
-        self.ctx.structures = dict(strain_structure(self.inputs.structure, orm.List(strains)))
+        self.ctx.structures = dict(strain_structure(self.structure_to_compute, orm.List(strains)))
         self._warn_if_kpoint_meshes_differ()
         return ToContext(cells=self.submit_engine(self.ctx.structures, 'strained_cells'))
 

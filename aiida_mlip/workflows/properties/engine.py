@@ -9,17 +9,37 @@ of evaluated frames (energy, forces, stress, in the order of the sorted cell key
   dataset by the ``predictions_to_dataset`` calcfunction.
 
 The fits downstream therefore compare like with like, and every number traces back to its calculation.
+
+Optional relaxation first (:meth:`EngineMixin.define_relax`, inputs ``relax``/``relax_cell``, default OFF): the
+input structure is relaxed with the SAME engine before the property cells are made, and the property is computed
+on the relaxed structure (output ``relaxed_structure``):
+
+* ``dft``: one ``PwBaseWorkChain`` with ``CONTROL.calculation`` ``'vc-relax'`` (``'relax'`` with ``relax_cell``
+  False), built from the ``dft.pw_base`` inputs and the pseudos of ``dft.pseudo_family``; ``forc_conv_thr`` is
+  ``relax_fmax`` converted to Ry/Bohr; the result is its ``output_structure``;
+* ``mlip``: one ``MlipRelaxCalculation`` (``mlip.relax``) with the models/dtype/threads of the ``mlip`` namespace.
+  Its code is the optional input ``relax_code``; without it, the first ``mlip.relax`` code on the computer of
+  ``mlip.code`` is used (``aiida-mlip setup`` / ``ensure_mlip_codes`` installs one, label ``mlip-relax``).
 """
 from __future__ import annotations
 
 from aiida import orm
 from aiida.common import AttributeDict
+from aiida.engine import ToContext
 from aiida.plugins import CalculationFactory
 
 from aiida_mlip.calculations.datasets import predictions_to_dataset
-from aiida_mlip.workflows.labeling import DftLabelingWorkChain
+from aiida_mlip.workflows.labeling import DftLabelingWorkChain, load_pseudo_family
 
 MlipEvaluateCalculation = CalculationFactory('mlip.evaluate')
+
+#: eV/Å -> Ry/Bohr (pw.x forc_conv_thr)
+EV_PER_A_TO_RY_PER_BOHR = 1.0 / 25.71104309541616
+#: PwBaseWorkChain ERROR_IONIC_CONVERGENCE_REACHED_EXCEPT_IN_FINAL_SCF: the relaxed structure is kept.
+DFT_RELAX_FINAL_SCF_EXIT = 501
+#: MlipEvaluateCalculation options that also apply to the relaxation job (scheduler resources, not file names).
+RELAX_OPTION_KEYS = ('resources', 'max_wallclock_seconds', 'queue_name', 'account', 'qos', 'withmpi',
+                     'custom_scheduler_commands', 'max_memory_kb')
 
 ENGINE_NAMESPACES = ('dft', 'mlip')
 
@@ -29,6 +49,39 @@ def validate_engine(inputs, _) -> str | None:
     given = [name for name in ENGINE_NAMESPACES if inputs.get(name)]
     if len(given) != 1:
         return f'give exactly one engine, `dft` or `mlip` (got {given or "none"})'
+    return None
+
+
+def find_relax_code(computer):
+    """The first (lowest pk) code with the ``mlip.relax`` plugin on ``computer``, or None."""
+    query = orm.QueryBuilder().append(
+        orm.AbstractCode, filters={'attributes.input_plugin': 'mlip.relax'}, project='*', tag='code'
+    ).order_by({'code': {'id': 'asc'}})
+    for (code,) in query.iterall():
+        if getattr(code, 'computer', None) is not None and code.computer.pk == computer.pk:
+            return code
+    return None
+
+
+def validate_relax(inputs, _=None) -> str | None:
+    """Checks of the relaxation inputs (only when ``relax`` is True): parameters and, for the MLIP, a relax code."""
+    if 'relax' not in inputs or not inputs['relax'].value:
+        return None
+    if not inputs['relax_fmax'].value > 0:
+        return f'`relax_fmax` must be > 0 eV/Å, got {inputs["relax_fmax"].value}'
+    if inputs['relax_steps'].value < 1:
+        return f'`relax_steps` must be >= 1, got {inputs["relax_steps"].value}'
+    if not inputs.get('mlip'):
+        return None
+    code = inputs.get('relax_code')
+    if code is not None:
+        if code.default_calc_job_plugin != 'mlip.relax':
+            return f'`relax_code` must be a code for the `mlip.relax` plugin, got `{code.default_calc_job_plugin}`'
+        return None
+    evaluate_code = inputs['mlip'].get('code')
+    if evaluate_code is not None and find_relax_code(evaluate_code.computer) is None:
+        return (f'relax=True with the mlip engine needs an `mlip.relax` code: give `relax_code`, or install one on '
+                f'computer `{evaluate_code.computer.label}` (`aiida-mlip setup`, ensure_mlip_codes)')
     return None
 
 
@@ -48,6 +101,121 @@ class EngineMixin:
                                'help': 'MLIP engine: MlipEvaluateCalculation inputs (model or committee, code).'},
         )
         spec.exit_code(410, 'ERROR_ENGINE_FAILED', message='The {engine} evaluation of the cells failed: {reason}')
+
+    @classmethod
+    def define_relax(cls, spec):
+        """Optional relaxation of the input structure with the same engine (inputs ``relax``... and the output
+        ``relaxed_structure``). Use ``if_(cls.should_relax)(cls.run_relax, cls.inspect_relax)`` first in the outline
+        and :attr:`structure_to_compute` afterwards; call :func:`validate_relax` in the input validator."""
+        spec.input('relax', valid_type=orm.Bool, default=lambda: orm.Bool(False),
+                   help='Relax the input structure first with the same engine (default False: use it as given).')
+        spec.input('relax_cell', valid_type=orm.Bool, default=lambda: orm.Bool(True),
+                   help='With `relax`: relax the cell too (DFT vc-relax, MLIP FrechetCellFilter); False: positions '
+                        'only.')
+        spec.input('relax_fmax', valid_type=orm.Float, default=lambda: orm.Float(0.005),
+                   help='With `relax`: force threshold in eV/Å (DOMAIN.md: 0.001-0.005 before phonons); for DFT it '
+                        'becomes forc_conv_thr in Ry/Bohr (the cell uses pw.x press_conv_thr, 0.5 kbar by default).')
+        spec.input('relax_steps', valid_type=orm.Int, default=lambda: orm.Int(500),
+                   help='With `relax` and the mlip engine: maximum optimiser steps (ASE BFGS); DFT: pw.x nstep.')
+        spec.input('relax_code', valid_type=orm.AbstractCode, required=False,
+                   help='With `relax` and the mlip engine: the `mlip.relax` code; default: the first `mlip.relax` '
+                        'code on the computer of `mlip.code`.')
+        spec.output('relaxed_structure', valid_type=orm.StructureData, required=False,
+                    help='With `relax`: the relaxed structure the property was computed on.')
+        spec.exit_code(411, 'ERROR_RELAX_FAILED', message='The {engine} relaxation of the structure failed: {reason}')
+
+    def should_relax(self) -> bool:
+        return 'relax' in self.inputs and bool(self.inputs.relax.value)
+
+    @property
+    def structure_to_compute(self) -> orm.StructureData:
+        """The relaxed structure after :meth:`inspect_relax`, else the input ``structure``."""
+        return self.ctx.get('relaxed_structure') or self.inputs.structure
+
+    def run_relax(self):
+        """Outline step: relax ``structure`` with the chosen engine."""
+        return ToContext(relaxation=self.submit_relax(self.inputs.structure, self.inputs.relax_cell.value, 'relax'))
+
+    def inspect_relax(self):
+        """Outline step: the relaxed structure into the context and the outputs, or ERROR_RELAX_FAILED."""
+        structure, failure = self.relaxed_structure(self.ctx.relaxation)
+        if failure:
+            return failure
+        self.ctx.relaxed_structure = structure
+        self.out('relaxed_structure', structure)
+        volumes = (self.inputs.structure.get_cell_volume(), structure.get_cell_volume())
+        self.report(f'{self.engine} relaxation: volume {volumes[0]:.3f} -> {volumes[1]:.3f} Å³')
+        return None
+
+    def submit_relax(self, structure: orm.StructureData, relax_cell: bool, label: str):
+        """Launch the relaxation of ``structure`` (cell too if ``relax_cell``) with the chosen engine."""
+        fmax = self.inputs.relax_fmax.value if 'relax_fmax' in self.inputs else 0.005
+        steps = self.inputs.relax_steps.value if 'relax_steps' in self.inputs else 500
+        if self.engine == 'dft':
+            from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
+
+            dft = self.exposed_inputs(DftLabelingWorkChain, namespace='dft')
+            inputs = AttributeDict(dft['pw_base'])
+            inputs.pw = AttributeDict(inputs.pw)
+            inputs.pw.structure = structure
+            inputs.pw.pseudos = load_pseudo_family(dft['pseudo_family'].value).get_pseudos(structure=structure)
+            parameters = inputs.pw.parameters.get_dict()
+            control = parameters.setdefault('CONTROL', {})
+            control['calculation'] = 'vc-relax' if relax_cell else 'relax'
+            control['forc_conv_thr'] = fmax * EV_PER_A_TO_RY_PER_BOHR
+            control['nstep'] = steps
+            control.setdefault('tstress', True)
+            control.setdefault('tprnfor', True)
+            parameters.setdefault('IONS', {})
+            if relax_cell:
+                parameters.setdefault('CELL', {}).setdefault('cell_dofree', 'all')
+            if 'conv_thr_per_atom' in dft:
+                parameters.setdefault('ELECTRONS', {})['conv_thr'] = dft['conv_thr_per_atom'].value * len(
+                    structure.sites)
+            inputs.pw.parameters = orm.Dict(parameters)
+            if 'clean_workdir' in dft:
+                inputs.clean_workdir = dft['clean_workdir']
+            process = PwBaseWorkChain
+        else:
+            from aiida_mlip.calculations.relax import MlipRelaxCalculation
+
+            mlip = self.exposed_inputs(MlipEvaluateCalculation, namespace='mlip')
+            inputs = AttributeDict({'models': mlip['models'], 'structures': {'structure': structure},
+                                    'fmax': orm.Float(fmax), 'steps': orm.Int(steps),
+                                    'relax_cell': orm.Bool(relax_cell)})
+            for name in ('dtype', 'threads'):
+                if name in mlip:
+                    inputs[name] = mlip[name]
+            inputs.code = self.inputs.relax_code if 'relax_code' in self.inputs else find_relax_code(
+                mlip['code'].computer)
+            options = dict(mlip.get('metadata', {}).get('options', {}))
+            inputs.metadata = {'options': {key: options[key] for key in RELAX_OPTION_KEYS if key in options}}
+            process = MlipRelaxCalculation
+        inputs.metadata = {**inputs.get('metadata', {}), 'call_link_label': label}
+        node = self.submit(process, **inputs)
+        kind = 'positions and cell' if relax_cell else 'positions'
+        self.report(f'launched {process.__name__}<{node.pk}> to relax the {kind} ({label})')
+        return node
+
+    def relaxed_structure(self, node):
+        """(relaxed StructureData, None) or (None, ERROR_RELAX_FAILED) from the node of :meth:`submit_relax`."""
+        if self.engine == 'dft':
+            # 501: the ionic (and cell) minimisation converged, only the final SCF in the new plane-wave basis of a
+            # vc-relax exceeds the thresholds (Pulay stress at low cutoffs); aiida-quantumespresso's PwBaseWorkChain
+            # then keeps the structure as final. The structure is accepted, with a warning.
+            final_scf_only = node.is_finished and node.exit_status == DFT_RELAX_FINAL_SCF_EXIT
+            if not (node.is_finished_ok or final_scf_only) or 'output_structure' not in node.outputs:
+                reason = f'{node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message}'
+                return None, self.exit_codes.ERROR_RELAX_FAILED.format(engine='dft', reason=reason)
+            if final_scf_only:
+                self.report(f'warning: {node.process_label}<{node.pk}>: {node.exit_message} The relaxed structure is '
+                            'used; raise the cutoffs (ecutwfc/ecutrho) to remove the Pulay stress.')
+            return node.outputs.output_structure, None
+        if not node.is_finished_ok or 'relaxed_structures' not in node.outputs \
+                or 'structure' not in node.outputs.relaxed_structures:
+            reason = f'{node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message}'
+            return None, self.exit_codes.ERROR_RELAX_FAILED.format(engine='mlip', reason=reason)
+        return node.outputs.relaxed_structures['structure'], None
 
     @property
     def engine(self) -> str:

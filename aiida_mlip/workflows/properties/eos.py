@@ -2,17 +2,20 @@
 
 When the minimum is not bracketed by the scan (a model far from DFT, or a structure far from equilibrium),
 the scan is re-centred on the suggested minimum and repeated, up to ``max_recentring`` times.
+
+With ``relax`` True the structure is first relaxed with the same engine (see
+:mod:`aiida_mlip.workflows.properties.engine`) and the scan is centred on the relaxed structure.
 """
 from __future__ import annotations
 
 import numpy as np
 from aiida import orm
-from aiida.engine import ToContext, WorkChain, calcfunction, while_
+from aiida.engine import ToContext, WorkChain, calcfunction, if_, while_
 
 from aiida_mlip.analysis.eos import MIN_EOS_POINTS, fit_birch_murnaghan, suggest_scan_centre
 from aiida_mlip.calculations.sampling import scale_volume, volume_scaled_copies
 from aiida_mlip.workflows.checks import structure_problem
-from aiida_mlip.workflows.properties.engine import EngineMixin, validate_engine
+from aiida_mlip.workflows.properties.engine import EngineMixin, validate_engine, validate_relax
 
 
 def _volumes_energies(frames):
@@ -57,7 +60,7 @@ def validate_inputs(inputs, ctx):
         return f'volume_range must lie in (0, 0.5), got {span}: it is the relative half-width of the scan'
     if points < MIN_EOS_POINTS:
         return f'n_points must be at least {MIN_EOS_POINTS} for a 4-parameter Birch-Murnaghan fit, got {points}'
-    return structure_problem('structure', inputs['structure'])
+    return structure_problem('structure', inputs['structure']) or validate_relax(inputs, ctx)
 
 
 class EquationOfStateWorkChain(EngineMixin, WorkChain):
@@ -73,15 +76,19 @@ class EquationOfStateWorkChain(EngineMixin, WorkChain):
         spec.input('max_recentring', valid_type=orm.Int, default=lambda: orm.Int(2),
                    help='How often the scan may be re-centred when its minimum is not bracketed.')
         cls.define_engine(spec)
+        cls.define_relax(spec)
         spec.inputs.validator = validate_inputs
-        spec.outline(cls.setup, while_(cls.should_scan)(cls.run_scan, cls.fit), cls.results)
+        spec.outline(
+            if_(cls.should_relax)(cls.run_relax, cls.inspect_relax),
+            cls.setup, while_(cls.should_scan)(cls.run_scan, cls.fit), cls.results,
+        )
         spec.output('eos', valid_type=orm.Dict, help='v0 (Å³/atom), e0 (eV/atom), b0 (GPa), b0_prime, residual.')
         spec.output('curve', valid_type=orm.ArrayData, help='Volumes (Å³/atom) and energies (eV/atom) of the scan.')
         spec.output('frames', valid_type=orm.Data, help='The evaluated cells of the final scan (`mlip.dataset`).')
         spec.exit_code(510, 'ERROR_FIT_FAILED', message='The Birch-Murnaghan fit failed: {reason}')
 
     def setup(self):
-        self.ctx.centre = self.inputs.structure
+        self.ctx.centre = self.structure_to_compute
         self.ctx.scans = 0
         self.ctx.done = False
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 from aiida import orm
-from aiida.engine import ToContext, WorkChain, calcfunction
+from aiida.engine import ToContext, WorkChain, calcfunction, if_
 
 from aiida_mlip.analysis.phonons import IMAGINARY_THRESHOLD_THZ, find_imaginary_modes
 from aiida_mlip.workflows.checks import structure_problem
-from aiida_mlip.workflows.properties.engine import EngineMixin, validate_engine
+from aiida_mlip.workflows.properties.engine import EngineMixin, validate_engine, validate_relax
 
 #: Symmetry tolerance (Å) of phonopy (displacements, primitive cell) and of seekpath/spglib (band path).
 SYMPREC = 1e-5
@@ -365,7 +365,7 @@ def validate_inputs(inputs, ctx):
     mesh = inputs['mesh'].get_list()
     if len(mesh) != 3 or not all(isinstance(m, int) and m >= 1 for m in mesh):
         return f'mesh must be 3 positive integers, got {mesh}'
-    return structure_problem('structure', inputs['structure'])
+    return structure_problem('structure', inputs['structure']) or validate_relax(inputs, ctx)
 
 
 class PhononWorkChain(EngineMixin, WorkChain):
@@ -384,8 +384,12 @@ class PhononWorkChain(EngineMixin, WorkChain):
         spec.input('mesh', valid_type=orm.List, default=lambda: orm.List([12, 12, 12]),
                    help='Gamma-centred q-mesh of the DOS and the thermal properties.')
         cls.define_engine(spec)
+        cls.define_relax(spec)
         spec.inputs.validator = validate_inputs
-        spec.outline(cls.run_displacements, cls.postprocess, cls.results)
+        spec.outline(
+            if_(cls.should_relax)(cls.run_relax, cls.inspect_relax),
+            cls.run_displacements, cls.postprocess, cls.results,
+        )
         spec.output('phonopy_setup', valid_type=orm.Dict,
                     help='Supercell/primitive matrices, symprec, displacement dataset: the phonopy input.')
         spec.output('band_structure', valid_type=orm.BandsData,
@@ -402,7 +406,7 @@ class PhononWorkChain(EngineMixin, WorkChain):
 
     def run_displacements(self):
         """phonopy's displaced supercells and the perfect supercell, evaluated in one engine submission."""
-        made = dict(phonopy_displacements(self.inputs.structure, self.inputs.supercell_matrix,
+        made = dict(phonopy_displacements(self.structure_to_compute, self.inputs.supercell_matrix,
                                           self.inputs.displacement))
         self.out('phonopy_setup', made.pop('phonopy_setup'))
         self.ctx.structures = made
@@ -415,7 +419,7 @@ class PhononWorkChain(EngineMixin, WorkChain):
             return failure
         self.out('frames', frames)
         try:
-            results = phonopy_postprocess(self.inputs.structure, self.outputs['phonopy_setup'], frames,
+            results = phonopy_postprocess(self.structure_to_compute, self.outputs['phonopy_setup'], frames,
                                           self.inputs.mesh)
         except (ValueError, RuntimeError, KeyError, np.linalg.LinAlgError) as exception:
             return self.exit_codes.ERROR_PHONOPY_FAILED.format(reason=f'{type(exception).__name__}: {exception}')
