@@ -48,7 +48,7 @@ def bare_validation(model_path: str) -> dict:
     from phonopy.structure.atoms import PhonopyAtoms
 
     from aiida_mlip.analysis.elastic import fit_elastic_tensor, strain_to_voigt, stress_to_voigt, voigt_strain_matrices
-    from aiida_mlip.analysis.eos import EV_PER_A3_TO_GPA, fit_birch_murnaghan
+    from aiida_mlip.analysis.eos import EV_PER_A3_TO_GPA, fit_birch_murnaghan, suggest_scan_centre
     from aiida_mlip.calculations.sampling import strained_copies, volume_scaled_copies
     from aiida_mlip.engine.evaluate import evaluate, load_models
 
@@ -68,7 +68,19 @@ def bare_validation(model_path: str) -> dict:
     energies, forces, stresses = results['energies'][0], results['forces'], results['stresses'][0]
     n_eos, n_el = len(eos_cells), len(elastic_cells)
     volumes = [c.get_volume() / len(c) for c in eos_cells]
-    eos = fit_birch_murnaghan(volumes, energies[:n_eos] / len(atoms))
+    eos_energies = energies[:n_eos] / len(atoms)
+    for _ in range(2):  # the workflow's re-centring: at most twice more when the minimum is not bracketed
+        try:
+            eos = fit_birch_murnaghan(volumes, eos_energies)
+            break
+        except ValueError:
+            centre = suggest_scan_centre(volumes, eos_energies) * len(atoms)
+            centred = volume_scaled_copies(eos_cells[0], [centre / eos_cells[0].get_volume() - 1.0])[0]
+            eos_cells = volume_scaled_copies(centred, EOS_STRAINS)
+            volumes = [c.get_volume() / len(c) for c in eos_cells]
+            eos_energies = evaluate(models, eos_cells, batch_size=8)['energies'][0] / len(atoms)
+    else:
+        eos = fit_birch_murnaghan(volumes, eos_energies)
     voigt_strains = [strain_to_voigt(np.zeros((3, 3)))] + [strain_to_voigt(s) for s in strains]
     voigt_stresses = [stress_to_voigt(s) * EV_PER_A3_TO_GPA for s in stresses[n_eos:n_eos + n_el]]
     c_matrix = fit_elastic_tensor(voigt_strains, voigt_stresses)
