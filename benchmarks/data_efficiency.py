@@ -603,8 +603,10 @@ def part_b(argv=None) -> int:
                   f'scratch {entry["labels_scratch"]:.0f}, fine-tune {bound}{shown}, '
                   f'ratio {"-" if ratio is None else f"{bound}{ratio:.3f}"}')
         ratio = comparison['scratch best']['ratio_finetune_over_scratch']
+        bound = '<= ' if comparison['scratch best']['ratio_is_upper_bound'] else ''
         verdict = 'not reached by fine-tuning within its budget' if ratio is None else (
-            f'{ratio:.3f} ({"met" if ratio <= 0.2 else "NOT met"}: goal <= 1/5)')
+            f'{bound}{ratio:.3f} ({"met" if ratio <= 0.2 else "NOT met" if not bound else "not resolved"}: '
+            'goal <= 1/5)')
         print(f'\n  primary (best from-scratch RMSE): labels fine-tune / from scratch = {verdict}')
         if any(later > earlier * 1.1 for earlier, later in zip(scratch, scratch[1:])):
             print('  caution: the from-scratch curve is not monotonic (>10 % rises): single-seed noise; compare '
