@@ -490,37 +490,14 @@ def b_train_many(jobs, workdir: pathlib.Path, parallel: int = 2) -> dict:
     return done
 
 
-def b_force_rmse_mev(model_path, frames) -> float:
-    from aiida_mlip.engine.evaluate import evaluate, load_models
-
-    result = evaluate(load_models([str(model_path)]), frames, batch_size=16, compute_stress=False)
-    predicted = np.concatenate([f[0] for f in result['forces']])
-    reference = np.concatenate([frame.arrays['REF_forces'] for frame in frames])
-    return float(np.sqrt(np.mean((predicted - reference) ** 2)) * 1000)
-
-
-def b_labels_needed(sizes, rmses, target):
-    """Smallest label count at which a learning curve reaches ``target`` (log-log interpolation), or None."""
-    for index, (size, rmse) in enumerate(zip(sizes, rmses)):
-        if rmse <= target:
-            if index == 0:
-                return float(size)
-            s0, s1, r0, r1 = sizes[index - 1], size, rmses[index - 1], rmse
-            if r0 == r1:
-                return float(s1)
-            fraction = (np.log(r0) - np.log(target)) / (np.log(r0) - np.log(r1))
-            return float(np.exp(np.log(s0) + fraction * (np.log(s1) - np.log(s0))))
-    return None
-
-
 def b_compare(finetune_sizes, finetune, scratch_sizes, scratch) -> dict:
     """Labels each strategy needs for each target: the from-scratch RMSE at each of its sizes, and its best one."""
     targets = {f'scratch@{size}': rmse for size, rmse in zip(scratch_sizes, scratch)}
     targets['scratch best'] = min(scratch)
     comparison = {}
     for name, target in targets.items():
-        needed_scratch = b_labels_needed(scratch_sizes, scratch, target)
-        needed_finetune = b_labels_needed(finetune_sizes, finetune, target)
+        needed_scratch = labels_needed(scratch_sizes, scratch, target)
+        needed_finetune = labels_needed(finetune_sizes, finetune, target)
         comparison[name] = {
             'target_mev_per_a': target, 'labels_scratch': needed_scratch, 'labels_finetune': needed_finetune,
             'ratio_finetune_over_scratch': None if needed_finetune is None or not needed_scratch
@@ -561,7 +538,7 @@ def part_b(argv=None) -> int:
             **B_MACE, 'batch_size': 8, 'max_num_epochs': args.b_foundation_epochs, 'patience': args.b_foundation_epochs,
             'E0s': 'average', 'seed': args.b_seed})], workdir)['foundation']
         foundation_seconds = time.perf_counter() - t0
-        zero_shot = b_force_rmse_mev(foundation, test)
+        zero_shot = force_rmse_mev(foundation, test)
         print(f'  foundation trained in {foundation_seconds:.0f} s; zero-shot test force RMSE on true-EMT Cu '
               f'{zero_shot:.1f} meV/Å', flush=True)
 
@@ -584,8 +561,8 @@ def part_b(argv=None) -> int:
         t0 = time.perf_counter()
         paths = b_train_many(jobs, workdir)
         training_seconds = time.perf_counter() - t0
-        finetune = [b_force_rmse_mev(paths[f'finetune_{s:03d}'], test) for s in args.b_finetune_sizes]
-        scratch = [b_force_rmse_mev(paths[f'scratch_{s:03d}'], test) for s in args.b_scratch_sizes]
+        finetune = [force_rmse_mev(paths[f'finetune_{s:03d}'], test) for s in args.b_finetune_sizes]
+        scratch = [force_rmse_mev(paths[f'scratch_{s:03d}'], test) for s in args.b_scratch_sizes]
         print('\n  labels  fine-tuned  from scratch   (test force RMSE, meV/Å)')
         for size in sorted(set(args.b_finetune_sizes) | set(args.b_scratch_sizes)):
             shown = []
