@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(quantum-espresso quantum-espresso-data)
+APT_PACKAGES=(quantum-espresso quantum-espresso-data chromium openssh-server openssh-client)
 missing=()
 for package in "${APT_PACKAGES[@]}" ${EXTRA_APT_PACKAGES:-}; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -31,4 +31,5 @@ echo "== pip install -e .[tests]"
 $PIP install -c scripts/constraints.txt -e '.[tests]' 2>&1 | grep -vE "is ignored|^\s*$" || true
 .venv/bin/python -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__' \
   || { echo "torch was changed by a dependency" >&2; exit 1; }
-echo "== installed: $(.venv/bin/python -c 'import aiida, mace, torch; print("aiida-core", aiida.__version__, "| mace-torch", mace.__version__, "| torch", torch.__version__)')"
+# importlib.metadata, not `import aiida`: importing aiida without AIIDA_PATH would create ~/.aiida.
+echo "== installed: $(.venv/bin/python -c 'from importlib.metadata import version as v; print("aiida-core", v("aiida-core"), "| mace-torch", v("mace-torch"), "| torch", v("torch"))')"

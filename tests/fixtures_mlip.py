@@ -99,6 +99,50 @@ def trained(mlip_codes, si_splits):
     return _memoised('train_tiny', lambda: engine.run_get_node(train_builder(mlip_codes['mace_train'], si_splits)))
 
 
+@pytest.fixture(scope='session')
+def trained_committee(mlip_codes, si_dataset):
+    """(results, node) of a TrainingWorkChain: a committee of 2 tiny models on the Si dataset, scored on its test
+    split by one evaluation job (shared by the training and report tests)."""
+    from aiida_mlip.workflows.training import TrainingWorkChain
+
+    def run():
+        return engine.run_get_node(TrainingWorkChain.get_builder_from_protocol(
+            mlip_codes['mace_train'], si_dataset, protocol='fast',
+            overrides={'committee_size': 2, 'split_fractions': {'train': 0.7, 'valid': 0.15, 'test': 0.15},
+                       'mace': {'max_num_epochs': 8}},
+            evaluate_code=mlip_codes['evaluate'],
+        ))
+
+    return _memoised('training_committee', run)
+
+
+def validation_builder(mlip_codes, model, structure, pw_code=None, **overrides):
+    from aiida_quantumespresso.common.types import ElectronicType
+
+    from aiida_mlip.workflows.validation import ValidationWorkChain
+
+    return ValidationWorkChain.get_builder_from_protocol(
+        mlip_codes['evaluate'], model, structure, protocol='fast', pw_code=pw_code, pseudo_family=TEST_FAMILY,
+        dft_overrides={'pw_base': TEST_PW_OVERRIDES}, overrides=overrides, md_code=mlip_codes['md'],
+        electronic_type=ElectronicType.INSULATOR,  # Si: fixed occupations, no extra bands for the 16-atom cells
+    )
+
+
+@pytest.fixture(scope='session')
+def validated(mlip_codes, trained, pw_code, pseudo_family):
+    """(results, node) of a ValidationWorkChain of the `trained` model vs pw.x on Si2 (a = 5.45 Å): EOS, elastic,
+    phonons and MD stability (shared by the validation and report tests)."""
+    from ase.build import bulk
+
+    def run():
+        structure = orm.StructureData(ase=bulk('Si', 'diamond', a=5.45))
+        return engine.run_get_node(validation_builder(
+            mlip_codes, trained[0]['model'], structure, pw_code=pw_code,
+            properties=['eos', 'elastic', 'phonons', 'md_stability']))
+
+    return _memoised('validation_si2', run)
+
+
 def write_untrained_mace(path, elements=('Si',), r_max=4.0, seed=0):
     """A real (randomly initialised, untrained) MACE model file: for data-type tests that need no DFT."""
     import mace  # noqa: F401  (must come before e3nn: it allows full-pickle torch.load)
@@ -130,3 +174,39 @@ def write_untrained_mace(path, elements=('Si',), r_max=4.0, seed=0):
 def untrained_si_ge(tmp_path_factory):
     """Path of an untrained two-element (Ge, Si) MACE model file."""
     return write_untrained_mace(tmp_path_factory.mktemp('models') / 'si_ge.model', elements=('Si', 'Ge'))
+
+
+def diamond(element='Si', a=5.45):
+    from ase.build import bulk
+
+    return orm.StructureData(ase=bulk(element, 'diamond', a=a))
+
+
+def finetune_builder(foundation, structure, pw_code, mlip_codes, **overrides):  # noqa: F811
+    from aiida_mlip.workflows.finetune import FineTuningWorkChain
+
+    return FineTuningWorkChain.get_builder_from_protocol(
+        foundation, structure, pw_code, mlip_codes['mace_train'], mlip_codes['evaluate'], mlip_codes['md'],
+        TEST_FAMILY, protocol='fast', overrides={'labeling': {'pw_base': TEST_PW_OVERRIDES}, **overrides})
+
+
+@pytest.fixture(scope='session')
+def finetuned(trained, pw_code, pseudo_family, mlip_codes):  # noqa: F811
+    """(foundation, results, node) of one real FineTuningWorkChain iteration of the `trained` model on Si2 (naive,
+    compare_with_scratch): test_finetune.py checks the workflow, test_query.py queries its graph."""
+    def run():
+        foundation = trained[0]['model']
+        builder = finetune_builder(foundation, diamond(), pw_code, mlip_codes, compare_with_scratch=True)
+        results, node = engine.run_get_node(builder)
+        print(f'\nFineTuningWorkChain<{node.pk}>: {(node.mtime - node.ctime).total_seconds():.0f} s wall')  # with -s
+        return foundation, results, node
+
+    return _memoised('finetune_si', run)
+
+
+def pw_ancestors(node) -> set:
+    """UUIDs of every PwCalculation in the data provenance of ``node`` (QueryBuilder ``with_descendants``)."""
+    query = orm.QueryBuilder().append(orm.Node, filters={'id': node.pk}, tag='node')
+    query.append(orm.CalcJobNode, with_descendants='node', project='uuid',
+                 filters={'process_type': 'aiida.calculations:quantumespresso.pw'})
+    return set(query.all(flat=True))

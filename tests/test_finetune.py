@@ -14,28 +14,15 @@ from aiida.common.links import LinkType
 
 from aiida_mlip.data.dataset import TrainingSet
 from aiida_mlip.data.model import MlipModel
-from aiida_mlip.workflows.finetune import (
-    FineTuningWorkChain, farthest_point_indices, failed_sections, next_sampling,
-)
+from aiida_mlip.workflows.finetune import failed_sections, next_sampling, select_md_frames
 
-from .conftest import TEST_FAMILY, TEST_PW_OVERRIDES, count_calcjobs
+from .conftest import count_calcjobs
 from .fixtures_mlip import (  # noqa: F401  (fixtures)
-    mlip_codes, si_dataset, si_splits, trained, untrained_si_ge, write_untrained_mace,
+    diamond, finetune_builder, finetuned, mlip_codes, pw_ancestors, si_dataset, si_splits, trained, untrained_si_ge,
+    write_untrained_mace,
 )
 
 PW_PROCESS_TYPE = 'aiida.calculations:quantumespresso.pw'
-
-
-def diamond(element='Si', a=5.45):
-    from ase.build import bulk
-
-    return orm.StructureData(ase=bulk(element, 'diamond', a=a))
-
-
-def finetune_builder(foundation, structure, pw_code, mlip_codes, **overrides):  # noqa: F811
-    return FineTuningWorkChain.get_builder_from_protocol(
-        foundation, structure, pw_code, mlip_codes['mace_train'], mlip_codes['evaluate'], mlip_codes['md'],
-        TEST_FAMILY, protocol='fast', overrides={'labeling': {'pw_base': TEST_PW_OVERRIDES}, **overrides})
 
 
 # ---- pure functions ------------------------------------------------------------------------------------------
@@ -52,12 +39,37 @@ def test_next_sampling_rule():
     assert failed_sections({'checks': {'eos.v0_error_percent': False, 'phonons.mae_thz': True}}) == ['eos']
 
 
-def test_farthest_point_sampling_is_seeded_and_spreads():
-    features = np.array([[0.0], [0.1], [0.2], [5.0], [10.0]])
-    first = farthest_point_indices(features, 3, np.random.default_rng(1))
-    assert first == farthest_point_indices(features, 3, np.random.default_rng(1))
-    assert {3, 4} <= set(first) or {0, 4} <= set(first)  # the extremes are always reached
-    assert farthest_point_indices(features, 9, np.random.default_rng(1)) == [0, 1, 2, 3, 4]
+def md_trajectory(amplitudes, seed=0):
+    """A TrajectoryData of Si2 frames (step 0 = the ideal cell) displaced by the given amplitudes (Å)."""
+    atoms = diamond().get_ase()
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(len(amplitudes), len(atoms), 3))
+    positions = np.array([atoms.positions + a * d / np.linalg.norm(d) for a, d in zip(amplitudes, directions)])
+    trajectory = orm.TrajectoryData()
+    trajectory.set_trajectory(list(atoms.get_chemical_symbols()), positions, stepids=np.arange(len(amplitudes)) * 5,
+                              cells=np.array([atoms.cell.array] * len(amplitudes)))
+    return trajectory
+
+
+def test_diverse_selection_uses_the_shared_descriptor_and_spreads(aiida_profile):
+    """`diverse` = farthest-point sampling in aiida_mlip.analysis.selection's descriptor: seeded, never step 0,
+    never the same frame twice, and it reaches the far frame that a random pick of 2 out of 8 would usually miss."""
+    amplitudes = [0.0, 0.02, 0.021, 0.022, 0.023, 0.024, 0.025, 0.3]  # seven near-copies and one distorted frame
+    runs = {'run_000': md_trajectory(amplitudes, 1), 'run_001': md_trajectory([0.0, 0.02, 0.021, 0.35], 2)}
+    summary = orm.Dict({'runs': [{'key': 'run_000', 'structure_key': 'volume_00'},
+                                 {'key': 'run_001', 'structure_key': 'volume_01'}]})
+    settings = orm.Dict({'frames_per_volume': 2, 'selection': 'diverse', 'seed': 3})
+    picked = select_md_frames(settings, summary, **runs)
+    again = select_md_frames(settings, summary, **runs)
+    assert sorted(picked) == ['volume_00_frame_00', 'volume_00_frame_01', 'volume_01_frame_00', 'volume_01_frame_01']
+    for key, structure in picked.items():
+        np.testing.assert_allclose(structure.get_ase().positions, again[key].get_ase().positions)
+    for volume, trajectory in (('volume_00', runs['run_000']), ('volume_01', runs['run_001'])):
+        chosen = [picked[f'{volume}_frame_{n:02d}'].get_ase().positions for n in range(2)]
+        frames = trajectory.get_array('positions')
+        indices = [int(np.argmin([np.abs(frame - p).max() for frame in frames])) for p in chosen]
+        assert 0 not in indices and len(set(indices)) == 2  # step 0 is not a candidate; no frame twice
+        assert len(frames) - 1 in indices  # the distorted frame is always among the two farthest-point picks
 
 
 # ---- validators: refused before any CalcJob -------------------------------------------------------------------
@@ -98,16 +110,7 @@ def test_multihead_needs_replay_and_two_elements(untrained_si, untrained_si_ge, 
     assert count_calcjobs() == before
 
 
-# ---- one real iteration --------------------------------------------------------------------------------------
-@pytest.fixture(scope='module')
-def finetuned(trained, pw_code, pseudo_family, mlip_codes):  # noqa: F811
-    foundation = trained[0]['model']
-    builder = finetune_builder(foundation, diamond(), pw_code, mlip_codes, compare_with_scratch=True)
-    results, node = engine.run_get_node(builder)
-    print(f'\nFineTuningWorkChain<{node.pk}>: {(node.mtime - node.ctime).total_seconds():.0f} s wall')  # shown with -s
-    return foundation, results, node
-
-
+# ---- one real iteration (the `finetuned` fixture of fixtures_mlip.py, shared with test_query.py) ------------------
 def test_outputs_and_provenance_reach_foundation_and_pw(finetuned):
     foundation, results, node = finetuned
     assert node.is_finished_ok, (node.exit_status, node.exit_message)
@@ -122,14 +125,33 @@ def test_outputs_and_provenance_reach_foundation_and_pw(finetuned):
     assert training.process_type == 'aiida.calculations:mlip.mace_train'
     assert training.inputs.foundation_model.uuid == foundation.uuid
     assert training.inputs.finetune.value == 'naive'
-    query = orm.QueryBuilder().append(orm.Node, filters={'id': model.pk}, tag='model')
-    query.append(orm.CalcJobNode, with_descendants='model', filters={'process_type': PW_PROCESS_TYPE}, project='uuid')
-    pw_ancestors = set(query.all(flat=True))
-    assert len(dataset.source_uuids) == 6 and set(dataset.source_uuids) <= pw_ancestors
+    # final model -> the dataset it was trained on (its split) -> EVERY PwCalculation of the labeling
+    assert training.inputs.train.creator.process_label == 'split_dataset'
+    assert training.inputs.train.creator.inputs.dataset.uuid == dataset.uuid
+    labelings = [n for n in node.called if n.process_label == 'DftLabelingWorkChain']
+    assert len(labelings) == 1
+    labeling_pw = {n.uuid for n in labelings[0].called_descendants if n.process_type == PW_PROCESS_TYPE}
+    assert len(labeling_pw) == 6 and labeling_pw == set(dataset.source_uuids)  # one pw.x per frame, no restart
+    model_pw = pw_ancestors(model)
+    assert labeling_pw <= model_pw
+    # fine-tuned model -> its foundation -> the foundation's own pw.x labels (the `trained` fixture's dataset)
+    foundation_pw = pw_ancestors(foundation)
+    assert foundation_pw and foundation_pw <= model_pw
+    assert model_pw == labeling_pw | foundation_pw  # nothing else: the EOS reference pw.x runs are not training data
+    # the from-scratch model: the same dataset, no foundation
+    scratch = results['scratch_model'].creator
+    assert scratch.inputs.train.creator.inputs.dataset.uuid == dataset.uuid and 'foundation_model' not in scratch.inputs
+    assert labeling_pw <= pw_ancestors(results['scratch_model'])
     # Each labeled frame came out of the sampling MD: structure <- select_md_frames <- MlipMdCalculation.
     md_runs = [n for n in node.called_descendants if n.process_type == 'aiida.calculations:mlip.md']
     assert len(md_runs) == 1 and md_runs[0].outputs.summary['n_runs'] == 3  # ONE MD job: 3 volumes x 1 T
     assert md_runs[0].inputs.models.foundation.uuid == foundation.uuid
+    for uuid in labeling_pw:
+        select = orm.load_node(uuid).inputs.structure.creator
+        assert select.process_label == 'select_md_frames'
+        trajectories = [link.node for link in select.base.links.get_incoming().all()
+                        if isinstance(link.node, orm.TrajectoryData)]
+        assert trajectories and {t.creator.uuid for t in trajectories} == {md_runs[0].uuid}
 
 
 def test_comparison_has_three_models_with_finite_numbers(finetuned):

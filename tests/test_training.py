@@ -5,24 +5,13 @@ from aiida import engine, orm
 
 from aiida_mlip.workflows.training import TrainingWorkChain
 
-from .fixtures_mlip import mlip_codes, si_dataset, si_splits  # noqa: F401  (fixtures)
+from .fixtures_mlip import mlip_codes, si_dataset, si_splits, trained_committee  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.pw, pytest.mark.mace]
 
 
-@pytest.fixture(scope='module')
-def committee(mlip_codes, si_dataset):  # noqa: F811
-    builder = TrainingWorkChain.get_builder_from_protocol(
-        mlip_codes['mace_train'], si_dataset, protocol='fast',
-        overrides={'committee_size': 2, 'split_fractions': {'train': 0.7, 'valid': 0.15, 'test': 0.15},
-                   'mace': {'max_num_epochs': 8}},
-        evaluate_code=mlip_codes['evaluate'],
-    )
-    return engine.run_get_node(builder)
-
-
-def test_committee_trains_and_is_scored(committee):
-    results, node = committee
+def test_committee_trains_and_is_scored(trained_committee):  # noqa: F811
+    results, node = trained_committee
     assert node.is_finished_ok, node.exit_message
     models = results['models']
     assert sorted(models) == ['member_0', 'member_1']
@@ -36,17 +25,17 @@ def test_committee_trains_and_is_scored(committee):
     assert np.isfinite(metrics['committee']['mean_max_force_deviation'])
 
 
-def test_split_is_seeded_and_keeps_isolated_atoms_in_train(committee, si_dataset):  # noqa: F811
-    split = committee[0]['split']
+def test_split_is_seeded_and_keeps_isolated_atoms_in_train(trained_committee, si_dataset):  # noqa: F811
+    split = trained_committee[0]['split']
     assert sum(split[name].n_frames for name in split) == si_dataset.n_frames
     assert split['train'].config_types.get('IsolatedAtom') == 1
-    members = [node for node in committee[1].called if node.process_label == 'MaceTrainBaseWorkChain']
+    members = [node for node in trained_committee[1].called if node.process_label == 'MaceTrainBaseWorkChain']
     seeds = sorted(m.inputs.mace.parameters['seed'] for m in members)
     assert seeds == [1, 2]
 
 
-def test_model_lineage_reaches_every_pw_calculation(committee, si_dataset):  # noqa: F811
-    model = committee[0]['models']['member_0']
+def test_model_lineage_reaches_every_pw_calculation(trained_committee, si_dataset):  # noqa: F811
+    model = trained_committee[0]['models']['member_0']
     training = model.creator
     assert training.process_type == 'aiida.calculations:mlip.mace_train'
     train = training.inputs.train

@@ -2,12 +2,10 @@
 import numpy as np
 import pytest
 from aiida import engine, orm
-from aiida_quantumespresso.common.types import ElectronicType
 
-from aiida_mlip.workflows.validation import ValidationWorkChain
-
-from .conftest import TEST_FAMILY, TEST_PW_OVERRIDES
-from .fixtures_mlip import mlip_codes, si_dataset, si_splits, trained  # noqa: F401  (fixtures)
+from .fixtures_mlip import (  # noqa: F401  (fixtures)
+    mlip_codes, si_dataset, si_splits, trained, validated, validation_builder,
+)
 
 pytestmark = [pytest.mark.pw, pytest.mark.mace]
 
@@ -17,21 +15,6 @@ def si2_structure():
     from ase.build import bulk
 
     return orm.StructureData(ase=bulk('Si', 'diamond', a=5.45))
-
-
-def validation_builder(mlip_codes, model, structure, pw_code=None, **overrides):  # noqa: F811
-    return ValidationWorkChain.get_builder_from_protocol(
-        mlip_codes['evaluate'], model, structure, protocol='fast', pw_code=pw_code, pseudo_family=TEST_FAMILY,
-        dft_overrides={'pw_base': TEST_PW_OVERRIDES}, overrides=overrides, md_code=mlip_codes['md'],
-        electronic_type=ElectronicType.INSULATOR,  # Si: fixed occupations, no extra bands for the 16-atom cells
-    )
-
-
-@pytest.fixture(scope='module')
-def validated(mlip_codes, trained, pw_code, pseudo_family, si2_structure):  # noqa: F811
-    model = trained[0]['model']
-    return engine.run_get_node(validation_builder(
-        mlip_codes, model, si2_structure, pw_code=pw_code, properties=['eos', 'elastic', 'phonons', 'md_stability']))
 
 
 def test_comparison_is_complete_and_finite(validated):

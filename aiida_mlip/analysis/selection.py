@@ -39,7 +39,7 @@ from aiida_mlip.analysis.metrics import calibration_curve, spearman
 
 __all__ = [
     'BELOW', 'WINDOW', 'ABOVE', 'INVALID', 'CLASSES',
-    'classify_frames', 'pair_distance_descriptor', 'frame_descriptors', 'farthest_point_sampling',
+    'classify_frames', 'pair_distance_descriptor', 'frame_descriptors', 'atoms_descriptors', 'farthest_point_sampling',
     'select_candidates', 'exploration_verdict', 'max_force_error', 'calibration_summary', 'trust_window_problem',
 ]
 
@@ -146,10 +146,18 @@ def frame_descriptors(frames, r_max: float = DEFAULT_R_MAX, sigma: float = DEFAU
     return np.array([pair_distance_descriptor(n, p, c, b, pairs, r_max, sigma, spacing) for n, p, c, b in frames])
 
 
-def farthest_point_sampling(descriptors, count: int, seed: int, tolerance: float = DUPLICATE_TOLERANCE) -> list:
+def atoms_descriptors(atoms_list, r_max: float = DEFAULT_R_MAX, sigma: float = DEFAULT_SIGMA,
+                      spacing: float = DEFAULT_SPACING) -> np.ndarray:
+    """:func:`frame_descriptors` of a list of ``ase.Atoms``."""
+    return frame_descriptors([(a.numbers, a.positions, a.cell.array, a.pbc) for a in atoms_list], r_max, sigma,
+                             spacing)
+
+
+def farthest_point_sampling(descriptors, count: int, seed, tolerance: float = DUPLICATE_TOLERANCE) -> list:
     """Indices of up to ``count`` mutually distant rows of ``descriptors`` (greedy max-min, Euclidean).
 
-    The first index is drawn with ``numpy.random.default_rng(seed)``; each next one maximises the distance to the
+    The first index is drawn with ``numpy.random.default_rng(seed)`` (an int or a sequence of ints, e.g.
+    ``[seed, volume index]``); each next one maximises the distance to the
     nearest already chosen row (ties: the lowest index). Rows within ``tolerance`` of a chosen row are never chosen,
     so fewer than ``count`` indices come back when the rows hold fewer distinct structures. Returned in pick order.
     """

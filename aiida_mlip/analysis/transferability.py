@@ -18,7 +18,16 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ['error_matrix', 'out_of_class_ratio', 'uncertainty_rises_out_of_class']
+from aiida_mlip.analysis.metrics import energy_per_atom_metrics, error_metrics
+
+__all__ = [
+    'committee_errors',
+    'error_matrix',
+    'leave_one_out_ratio',
+    'out_of_class_ratio',
+    'transferability_summary',
+    'uncertainty_rises_out_of_class',
+]
 
 
 def error_matrix(
@@ -140,3 +149,116 @@ def uncertainty_rises_out_of_class(
         entry['rises'] = bool(entry['ratio'] > min_ratio)
         all_rise = all_rise and entry['rises']
     return {'per_model': per_model, 'rises': bool(evaluated > 0 and all_rise), 'n_evaluated': evaluated}
+
+
+def committee_errors(energies, forces, n_atoms, reference_energies, reference_forces) -> dict:
+    """Errors of a committee's mean prediction on one test set, and the committee's own spread there.
+
+    :param energies: (M, N) total energies of M members on N frames.
+    :param forces: (M, A, 3) forces of M members, the frames' atoms concatenated (A = sum of ``n_atoms``).
+    :param reference_energies: (N,) reference (DFT) total energies; ``reference_forces``: (A, 3).
+    :returns: ``energy_mae``/``energy_rmse`` per atom, ``forces_mae``/``forces_rmse`` per component (of the
+        committee mean), ``committee_force_std`` (root mean square over components of the members' standard
+        deviation: directly comparable with ``forces_rmse``, for a calibrated committee the two are close;
+        None for one model), ``n_frames``, ``n_models``. Units are those of the inputs.
+    :raises ValueError: on inconsistent shapes or non-finite values.
+    """
+    energies = np.asarray(energies, dtype=float)
+    forces = np.asarray(forces, dtype=float)
+    n_atoms = np.asarray(n_atoms, dtype=int)
+    if energies.ndim != 2 or forces.ndim != 3 or forces.shape[2] != 3:
+        raise ValueError(f'energies must be (M, N) and forces (M, A, 3), got {energies.shape} and {forces.shape}')
+    if forces.shape[:2] != (energies.shape[0], int(n_atoms.sum())) or len(n_atoms) != energies.shape[1]:
+        raise ValueError(f'inconsistent shapes: energies {energies.shape}, forces {forces.shape}, '
+                         f'{len(n_atoms)} frames with {int(n_atoms.sum())} atoms')
+    reference_forces = np.asarray(reference_forces, dtype=float)
+    mean_forces = forces.mean(axis=0)
+    energy = energy_per_atom_metrics(energies.mean(axis=0), reference_energies, n_atoms)
+    force = error_metrics(mean_forces, reference_forces)
+    spread = None
+    if energies.shape[0] > 1:
+        spread = float(np.sqrt(np.mean(forces.std(axis=0) ** 2)))
+    return {
+        'energy_mae': energy['mae'], 'energy_rmse': energy['rmse'],
+        'forces_mae': force['mae'], 'forces_rmse': force['rmse'],
+        'committee_force_std': spread, 'n_frames': int(len(n_atoms)), 'n_models': int(energies.shape[0]),
+    }
+
+
+def leave_one_out_ratio(matrix, model_labels: Sequence[Hashable], test_labels: Sequence[Hashable],
+                        prefix: str = 'without_', reference: Hashable = 'all') -> dict:
+    """Per left-out class: error of the model trained without it over the error of a model that saw it.
+
+    The row ``f'{prefix}{class}'`` is the model trained on every class but ``class``; the model that saw the
+    class is ``reference`` (trained on all classes: the same data plus the class) or, without such a row,
+    the in-class model (row label = class).
+
+    :returns: ``{class: {'left_out', 'seen', 'seen_by', 'ratio'}}`` for every class with a leave-one-out row
+        (``ratio`` None where undefined).
+    """
+    array = _check_matrix(matrix, model_labels, test_labels)
+    row = {label: i for i, label in enumerate(model_labels)}
+    output = {}
+    for j, test in enumerate(test_labels):
+        left_out_row = row.get(f'{prefix}{test}')
+        if left_out_row is None:
+            continue
+        seen_by = reference if reference in row else (test if test in row else None)
+        left_out = None if np.isnan(array[left_out_row, j]) else float(array[left_out_row, j])
+        seen = None if seen_by is None or np.isnan(array[row[seen_by], j]) else float(array[row[seen_by], j])
+        ratio = left_out / seen if left_out is not None and seen else None
+        output[test] = {'left_out': left_out, 'seen': seen, 'seen_by': seen_by, 'ratio': ratio}
+    return output
+
+
+#: The per-(model, test class) scores arranged as matrices by :func:`transferability_summary`.
+MATRIX_KEYS = ('energy_mae', 'energy_rmse', 'forces_mae', 'forces_rmse', 'committee_force_std')
+
+
+def transferability_summary(scores: Mapping[tuple[Hashable, Hashable], dict], model_order: Sequence[Hashable],
+                            test_order: Sequence[Hashable], min_ratio: float = 1.0) -> dict:
+    """The whole study from ``{(model, test class): committee_errors(...)}``: matrices and their verdicts.
+
+    :returns: ``models``, ``classes``, one matrix (list of rows, None where missing) per key of
+        :data:`MATRIX_KEYS`, ``calibration`` (committee_force_std / forces_rmse per cell),
+        ``out_of_class_ratio`` (forces and energy RMSE, per model), ``uncertainty`` (does the committee
+        spread rise out of class: :func:`uncertainty_rises_out_of_class` on the spread matrix, and whether
+        the true force error rises too) and ``leave_one_out`` (:func:`leave_one_out_ratio` on forces and
+        energy RMSE).
+    """
+    models, classes = list(model_order), list(test_order)
+    matrices = {}
+    for key in MATRIX_KEYS:
+        values = {pair: score[key] for pair, score in scores.items() if score.get(key) is not None}
+        matrices[key] = (error_matrix(values, models, classes)[2] if values
+                         else np.full((len(models), len(classes)), np.nan))
+    with np.errstate(divide='ignore', invalid='ignore'):
+        calibration = np.where(matrices['forces_rmse'] > 0,
+                               matrices['committee_force_std'] / matrices['forces_rmse'], np.nan)
+    summary = {'models': models, 'classes': classes}
+    summary.update({key: _rows(matrix) for key, matrix in matrices.items()})
+    summary['calibration'] = _rows(calibration)
+    summary['out_of_class_ratio'] = {
+        'forces_rmse': out_of_class_ratio(matrices['forces_rmse'], models, classes),
+        'energy_rmse': out_of_class_ratio(matrices['energy_rmse'], models, classes),
+    }
+    uncertainty = {'per_model': {}, 'rises': False, 'n_evaluated': 0}
+    if not np.all(np.isnan(matrices['committee_force_std'])):
+        uncertainty = uncertainty_rises_out_of_class(matrices['committee_force_std'], models, classes, min_ratio)
+    error_ratios = summary['out_of_class_ratio']['forces_rmse']
+    for model, entry in uncertainty['per_model'].items():
+        error_ratio = error_ratios[model]['ratio']
+        entry['error_ratio'] = error_ratio
+        entry['error_rises'] = None if error_ratio is None else bool(error_ratio > min_ratio)
+    uncertainty['min_ratio'] = float(min_ratio)
+    summary['uncertainty'] = uncertainty
+    summary['leave_one_out'] = {
+        'forces_rmse': leave_one_out_ratio(matrices['forces_rmse'], models, classes),
+        'energy_rmse': leave_one_out_ratio(matrices['energy_rmse'], models, classes),
+    }
+    return summary
+
+
+def _rows(matrix: np.ndarray) -> list:
+    """Nested lists with None for NaN (JSON has no NaN)."""
+    return [[None if np.isnan(value) else float(value) for value in row] for row in matrix]

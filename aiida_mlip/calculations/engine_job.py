@@ -20,7 +20,7 @@ from aiida import orm
 from aiida.common import datastructures
 from aiida.engine import CalcJob
 
-from aiida_mlip.data.model import MlipModel
+from aiida_mlip.data.model import MlipModel, ModelIntegrityError
 
 #: Files every engine job writes or retrieves (names are part of the parser contract).
 STDOUT_FILENAME = 'engine.out'
@@ -75,12 +75,20 @@ def structure_to_atoms(structure: orm.StructureData):
 # ---- input checks (shared with the workflows that expose the calculations) ---------------------------------------
 
 def models_type_problem(models: Mapping[str, Any]) -> Optional[str]:
-    """At least one model, every one an ``MlipModel``; else the message."""
+    """At least one model, every one an ``MlipModel`` whose stored file still has its pinned sha256; else the message.
+
+    The hash is checked here, at launch, so that a changed file is refused before a CalcJob node exists (the job
+    folder re-checks it when the file is written).
+    """
     if not models:
         return 'at least one model is required in `models` (one = single model, several = committee)'
     for key, model in models.items():
         if not isinstance(model, MlipModel):
             return f'`models.{key}` must be an MlipModel (mlip.model), got {type(model).__name__}'
+        try:
+            model.verify()
+        except ModelIntegrityError as exception:
+            return f'`models.{key}`: {exception}'
     return None
 
 

@@ -21,7 +21,7 @@ from aiida.common import datastructures
 from aiida.engine import CalcJob
 
 from aiida_mlip.data.dataset import ISOLATED_ATOM, TrainingSet
-from aiida_mlip.data.model import MlipModel
+from aiida_mlip.data.model import MlipModel, ModelIntegrityError
 
 #: File and run names inside the job folder.
 NAME = 'model'
@@ -268,6 +268,10 @@ def validate_inputs(inputs, _):  # noqa: C901, PLR0911, PLR0912  (one list of in
 
     if mode not in FINETUNE_MODES:
         return f'finetune must be one of {FINETUNE_MODES}, got `{mode}`'
+    try:
+        foundation.verify()  # a changed file is refused before a CalcJob node exists
+    except ModelIntegrityError as exception:
+        return f'foundation_model: {exception}'
     if 'r_max' in parameters and abs(float(parameters['r_max']) - foundation.r_max) > 1e-6:
         return (f'r_max {parameters["r_max"]} differs from the foundation model\'s r_max {foundation.r_max}; '
                 'fine-tuning always uses the foundation\'s cutoff: drop r_max from parameters')

@@ -10,6 +10,7 @@ from aiida_mlip.cli.root import BadInput, cli
 
 DEFAULT_FAMILY = 'PBE-QE-local'
 BROKERS = {'zeromq': 'core.zeromq', 'rabbitmq': 'core.rabbitmq', 'none': None}
+STORAGES = {'sqlite': 'core.sqlite_dos', 'psql': 'core.psql_dos'}
 
 
 def _install_pseudos(directories, label: str, functional: str, picks: dict) -> None:
@@ -33,20 +34,41 @@ def _install_pseudos(directories, label: str, functional: str, picks: dict) -> N
 @cli.group('setup', invoke_without_command=True)
 @click.option('--profile-name', default='aiida-mlip', show_default=True,
               help='Name of the profile to create when -p/--profile names none.')
+@click.option('--storage', type=click.Choice(sorted(STORAGES)), default='sqlite', show_default=True,
+              help='Storage of a new profile: SQLite needs no service; psql creates a PostgreSQL database '
+                   '(core.psql_dos), what many daemon workers and large projects need (docs/production.md).')
+@click.option('--db-host', default='127.0.0.1', show_default=True, help='PostgreSQL host (with --storage psql).')
+@click.option('--db-port', type=int, default=5432, show_default=True, help='PostgreSQL port.')
+@click.option('--db-user', default='postgres', show_default=True,
+              help='PostgreSQL role allowed to create databases; the profile gets a role of its own.')
+@click.option('--db-password', default=None, envvar='AIIDA_MLIP_DB_PASSWORD',
+              help='Password of --db-user (none with trust or peer authentication).')
+@click.option('--db-name', default=None,
+              help='Database (and role) to create for the profile. Default: aiida-PROFILE_NAME.')
 @click.option('--broker', type=click.Choice(sorted(BROKERS)), default='zeromq', show_default=True,
-              help='Message broker of a new profile: the embedded ZeroMQ broker needs no service.')
+              help='Message broker of a new profile: the embedded ZeroMQ broker needs no service; rabbitmq '
+                   'is the production broker (docs/production.md: disable its consumer_timeout).')
+@click.option('--broker-host', default='127.0.0.1', show_default=True, help='RabbitMQ host (with --broker rabbitmq).')
+@click.option('--broker-port', type=int, default=5672, show_default=True, help='RabbitMQ AMQP port.')
+@click.option('--broker-user', default='guest', show_default=True, help='RabbitMQ user.')
+@click.option('--broker-password', default='guest', show_default=True, envvar='AIIDA_MLIP_BROKER_PASSWORD',
+              help='RabbitMQ password.')
+@click.option('--broker-vhost', default='', help='RabbitMQ virtual host (default: the server\'s default).')
 @click.option('--pw', 'pw_executable', type=click.Path(dir_okay=False), default=None,
               help='pw.x executable (default: pw.x on PATH, /usr/bin/pw.x from the Debian package).')
 @click.option('--pseudo-family', default=DEFAULT_FAMILY, show_default=True,
               help='Label of the PBE family built from the Debian quantum-espresso-data folders.')
 @click.option('--no-pseudos', is_flag=True, help='Do not build the default pseudopotential family.')
 @click.pass_context
-def setup(ctx, profile_name, broker, pw_executable, pseudo_family, no_pseudos):
+def setup(ctx, profile_name, storage, db_host, db_port, db_user, db_password, db_name, broker, broker_host,
+          broker_port, broker_user, broker_password, broker_vhost, pw_executable, pseudo_family, no_pseudos):
     """Create (or reuse) the profile, the `localhost` computer and the codes.
 
-    With -p/--profile an existing profile is used as it is. Otherwise a profile (SQLite + ZeroMQ, like
-    `verdi presto`) is created in the configuration folder of AIIDA_PATH, which must then be set: this
-    command never writes into your home folder by accident.
+    With -p/--profile an existing profile is used as it is. Otherwise a profile (SQLite + ZeroMQ like
+    `verdi presto` by default; `--storage psql --broker rabbitmq` for production) is created in the
+    configuration folder of AIIDA_PATH, which must then be set: this command never writes into your home
+    folder by accident. The services are probed first: when PostgreSQL or RabbitMQ do not answer, nothing
+    is created.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -65,7 +87,15 @@ def setup(ctx, profile_name, broker, pw_executable, pseudo_family, no_pseudos):
                 'AIIDA_PATH is not set: set it to a project folder (e.g. `export AIIDA_PATH=$PWD/.aiida`) '
                 'or pass -p PROFILE to use an existing profile'
             )
-        profile, created = environment.ensure_profile(profile_name, broker=BROKERS[broker])
+        try:
+            profile, created = environment.ensure_profile(
+                profile_name, broker=BROKERS[broker], storage=STORAGES[storage],
+                postgres=environment.PostgresServer(db_host, db_port, db_user, db_password), database=db_name,
+                rabbitmq=environment.RabbitmqServer(broker_host, broker_port, broker_user, broker_password,
+                                                   broker_vhost),
+            )
+        except (ConnectionError, ValueError) as exception:
+            raise BadInput(str(exception)) from exception
         click.echo(f'profile `{profile.name}`: {"created" if created else "exists"} '
                    f'(storage {profile.storage_backend}, broker {profile.process_control_backend})')
     computer = environment.ensure_localhost()

@@ -76,3 +76,68 @@ def parity(reference, model, label: str, unit: str) -> bytes:
     ax.set_xlabel(f'DFT {label} ({unit})')
     ax.set_ylabel(f'MLIP {label} ({unit})')
     return _png(fig)
+
+
+def error_histogram(reference, model, label: str, unit: str, bins: int = 40) -> bytes:
+    """Distribution of the model - reference errors per component, with their MAE and RMSE in the title."""
+    from aiida_mlip.analysis.metrics import error_metrics
+
+    reference, model = np.ravel(reference), np.ravel(model)
+    metrics = error_metrics(model, reference)
+    fig, ax = _figure(3.8, 3.0)
+    ax.hist(model - reference, bins=bins, color=COLOURS['mlip'])
+    ax.axvline(0, color='grey', linewidth=0.8)
+    ax.set_xlabel(f'MLIP - DFT {label} ({unit})')
+    ax.set_ylabel('count')
+    ax.set_title(f'MAE {metrics["mae"]:.3g}, RMSE {metrics["rmse"]:.3g} {unit} (n = {metrics["count"]})', fontsize=8)
+    return _png(fig)
+
+
+def learning_curve(curves: dict) -> bytes:
+    """Training and validation loss (log scale) and validation force RMSE per epoch, one colour per model.
+
+    ``curves``: ``{label: {'epoch': ..., 'train_loss': ..., 'valid_loss': ..., 'valid_rmse_f': ...}}`` as in the
+    ``learning_curve`` output of ``mlip.mace_train`` (epoch -1 = before training; forces in meV/Å).
+    """
+    fig, single = _figure(8.0, 3.2)
+    single.remove()
+    loss_ax, force_ax = fig.subplots(1, 2)
+    for index, (label, arrays) in enumerate(curves.items()):
+        colour = f'C{index}'
+        epochs = np.asarray(arrays['epoch'])
+        loss_ax.plot(epochs, arrays['train_loss'], '-', color=colour, label=f'{label} train')
+        loss_ax.plot(epochs, arrays['valid_loss'], '--', color=colour, label=f'{label} valid')
+        if 'valid_rmse_f' in arrays:
+            force_ax.plot(epochs, arrays['valid_rmse_f'], 'o-', color=colour, markersize=3, label=label)
+    loss_ax.set_yscale('log')
+    loss_ax.set_xlabel('epoch (-1: before training)')
+    loss_ax.set_ylabel('loss')
+    loss_ax.legend(fontsize=6)
+    force_ax.set_xlabel('epoch (-1: before training)')
+    force_ax.set_ylabel('validation forces RMSE (meV/Å)')
+    if force_ax.lines:
+        force_ax.legend(fontsize=6)
+    return _png(fig)
+
+
+def heatmap(matrix, row_labels, column_labels, title: str, unit: str) -> bytes:
+    """A rows x columns matrix as coloured cells with the values written in (e.g. models x test classes).
+
+    Missing entries (None/NaN) stay blank and are marked `n/a`.
+    """
+    values = np.array([[np.nan if value is None else value for value in row] for row in matrix], dtype=float)
+    fig, ax = _figure(1.6 + 0.9 * len(column_labels), 1.4 + 0.5 * len(row_labels))
+    image = ax.imshow(np.ma.masked_invalid(values), cmap='viridis', aspect='auto')
+    fig.colorbar(image, ax=ax, label=unit)
+    ax.set_xticks(range(len(column_labels)), [str(label) for label in column_labels])
+    ax.set_yticks(range(len(row_labels)), [str(label) for label in row_labels])
+    ax.set_xlabel('test class')
+    ax.set_ylabel('model')
+    finite = values[np.isfinite(values)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    for (i, j), value in np.ndenumerate(values):
+        text = 'n/a' if np.isnan(value) else f'{value:.3g}'
+        colour = 'black' if np.isnan(value) or value > middle else 'white'
+        ax.text(j, i, text, ha='center', va='center', fontsize=8, color=colour)
+    ax.set_title(title, fontsize=9)
+    return _png(fig)

@@ -4,6 +4,7 @@ Every function returns what exists when it already does, so ``aiida-mlip setup``
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -18,11 +19,111 @@ DEFAULT_PROFILE = 'aiida-mlip'
 DEFAULT_EMAIL = 'aiida-mlip@localhost'
 
 
+@dataclasses.dataclass
+class PostgresServer:
+    """A PostgreSQL server and a role allowed to create databases (``verdi presto --use-postgres`` defaults)."""
+
+    host: str = '127.0.0.1'
+    port: int = 5432
+    user: str = 'postgres'
+    password: str | None = None
+
+    def connect(self):
+        """aiida-core's PostgreSQL helper, connected; a ConnectionError saying where when the server does not answer."""
+        from aiida.manage.external.postgres import Postgres
+
+        dsn = {'host': self.host, 'port': self.port, 'user': self.user, 'password': self.password,
+               'connect_timeout': 5}
+        postgres = Postgres(dbinfo=dsn, interactive=False, quiet=True, try_sudo=False)
+        if not postgres.is_connected:
+            raise ConnectionError(
+                f'PostgreSQL does not answer on {self.host}:{self.port} as user `{self.user}` '
+                '(is the server running, and does its pg_hba.conf let this user in?)'
+            )
+        return postgres
+
+    def create_database(self, name: str, profile_name: str) -> dict:
+        """Create database ``name`` owned by a new role of the same name: the ``core.psql_dos`` storage config.
+
+        Refuses an existing database (it may hold another profile's data) instead of renaming it silently.
+        """
+        import secrets
+
+        from aiida.manage.configuration.settings import AiiDAConfigDir
+
+        postgres = self.connect()
+        if postgres.db_exists(name):
+            raise ValueError(f'PostgreSQL database `{name}` exists already: choose another --db-name, or drop it '
+                             f'(`dropdb -h {self.host} -p {self.port} -U {self.user} {name}`) if it is unused')
+        password = secrets.token_hex(15)
+        if not postgres.dbuser_exists(name):
+            postgres.create_dbuser(name, password)
+        elif not postgres.can_user_authenticate(name, password):
+            raise ValueError(f'PostgreSQL role `{name}` exists with another password: choose another --db-name')
+        try:
+            postgres.create_db(name, name)  # aiida-core's command: UTF8 with the en_US.UTF-8 locale
+        except Exception as exception:  # noqa: BLE001  (psycopg error class depends on the connection mode)
+            if 'locale' not in str(exception):
+                raise
+            postgres.execute(f'CREATE DATABASE "{name}" OWNER "{name}" ENCODING \'UTF8\' TEMPLATE template0')
+        return {
+            'database_hostname': self.host,
+            'database_port': self.port,
+            'database_name': name,
+            'database_username': name,
+            'database_password': password,
+            'repository_uri': (AiiDAConfigDir.get() / 'repository' / profile_name).as_uri(),
+        }
+
+    def drop_database(self, name: str) -> None:
+        """Drop database ``name`` and its role (what :meth:`create_database` made), if they exist."""
+        postgres = self.connect()
+        if postgres.db_exists(name):
+            postgres.drop_db(name)
+        if postgres.dbuser_exists(name):
+            postgres.drop_dbuser(name)
+
+
+@dataclasses.dataclass
+class RabbitmqServer:
+    """A RabbitMQ server (the AMQP defaults of aiida-core: guest@127.0.0.1:5672)."""
+
+    host: str = '127.0.0.1'
+    port: int = 5672
+    username: str = 'guest'
+    password: str = 'guest'
+    virtual_host: str = ''
+
+    def broker_config(self) -> dict:
+        """The ``core.rabbitmq`` broker config, after a connection probe; ConnectionError when nothing answers."""
+        from aiida.brokers.rabbitmq.defaults import detect_rabbitmq_config
+
+        try:
+            return detect_rabbitmq_config(host=self.host, port=self.port, username=self.username,
+                                          password=self.password, virtual_host=self.virtual_host)
+        except ConnectionError:
+            raise ConnectionError(
+                f'RabbitMQ does not answer on amqp://{self.username}@{self.host}:{self.port}/{self.virtual_host} '
+                '(is rabbitmq-server running, are user and password right?)'
+            ) from None
+
+
+def default_database_name(profile_name: str) -> str:
+    """The PostgreSQL database (and role) of a profile, named like ``verdi presto`` does."""
+    return f'aiida-{profile_name}'
+
+
 def ensure_profile(name: str = DEFAULT_PROFILE, broker: str | None = 'core.zeromq', storage: str = 'core.sqlite_dos',
-                   storage_config: dict | None = None):
+                   postgres: PostgresServer | None = None, database: str | None = None,
+                   rabbitmq: RabbitmqServer | None = None):
     """Load profile ``name``, creating it (SQLite + ZeroMQ by default, like ``verdi presto``) when missing.
 
+    ``storage='core.psql_dos'`` creates the database ``database`` (default :func:`default_database_name`) on
+    ``postgres``; ``broker='core.rabbitmq'`` connects to ``rabbitmq``. Both servers are probed before anything
+    is written, so an unreachable service leaves no half-made profile. An existing profile is loaded as it is.
+
     :returns: (profile, created)
+    :raises ConnectionError: a service does not answer. ValueError: the database exists already.
     """
     from aiida.manage.configuration import create_profile, get_config, load_profile
     from aiida.plugins import BrokerFactory
@@ -31,20 +132,29 @@ def ensure_profile(name: str = DEFAULT_PROFILE, broker: str | None = 'core.zerom
     if name in config.profile_names:
         return load_profile(name, allow_switch=True), False
 
-    broker_config = BrokerFactory(broker).get_default_config() if broker == 'core.zeromq' else None
-    if broker == 'core.rabbitmq':
-        from aiida.brokers.rabbitmq.defaults import detect_rabbitmq_config
-
-        broker_config = detect_rabbitmq_config()
-    profile = create_profile(
-        config,
-        name=name,
-        email=DEFAULT_EMAIL,
-        storage_backend=storage,
-        storage_config=storage_config or {},
-        broker_backend=broker,
-        broker_config=broker_config,
-    )
+    broker_config = None
+    if broker == 'core.zeromq':
+        broker_config = BrokerFactory(broker).get_default_config()
+    elif broker == 'core.rabbitmq':
+        broker_config = (rabbitmq or RabbitmqServer()).broker_config()
+    storage_config = {}
+    if storage == 'core.psql_dos':
+        postgres = postgres or PostgresServer()
+        storage_config = postgres.create_database(database or default_database_name(name), name)
+    try:
+        profile = create_profile(
+            config,
+            name=name,
+            email=DEFAULT_EMAIL,
+            storage_backend=storage,
+            storage_config=storage_config,
+            broker_backend=broker,
+            broker_config=broker_config,
+        )
+    except Exception:
+        if storage == 'core.psql_dos':  # do not leave an orphan database behind
+            postgres.drop_database(storage_config['database_name'])
+        raise
     config.set_option('runner.poll.interval', 1, scope=profile.name)
     config.set_default_profile(profile.name, overwrite=True)
     config.store()

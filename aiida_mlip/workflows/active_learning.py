@@ -30,7 +30,7 @@ from aiida.plugins import DataFactory
 
 from aiida_mlip.analysis.selection import (
     BELOW, CLASSES, DEFAULT_CALIBRATION_BINS, DEFAULT_R_MAX, INVALID, MIN_CALIBRATION_FRAMES, WINDOW,
-    calibration_summary, exploration_verdict, frame_descriptors, max_force_error, select_candidates,
+    atoms_descriptors, calibration_summary, exploration_verdict, max_force_error, select_candidates,
     trust_window_problem,
 )
 from aiida_mlip.calculations.datasets import merge_datasets
@@ -40,6 +40,7 @@ from aiida_mlip.calculations.sampling import scale_volume
 from aiida_mlip.protocols import ProtocolMixin
 from aiida_mlip.workflows.checks import code_problem, elements_of, structures_problem
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain, family_problem, load_pseudo_family
+from aiida_mlip.workflows.loop_helpers import test_errors
 from aiida_mlip.workflows.training import TrainingWorkChain
 from aiida_mlip.workflows.training import validate_inputs as validate_training_inputs
 
@@ -225,9 +226,7 @@ def select_md_frames(parameters: orm.Dict, summary: orm.Dict, **runs) -> dict:
     energy_threshold = params.get('energy_threshold')
     energy = np.array([f['energy_std_per_atom'] for f in frames]) if energy_threshold is not None else None
     atoms = [Atoms(symbols=f['symbols'], positions=f['positions'], cell=f['cell'], pbc=f['pbc']) for f in frames]
-    descriptors = frame_descriptors(
-        [(a.numbers, a.positions, a.cell.array, a.pbc) for a in atoms], r_max=float(params['descriptor_r_max'])
-    )
+    descriptors = atoms_descriptors(atoms, r_max=float(params['descriptor_r_max']))
     result = select_candidates(deviations, descriptors, lo, hi, int(params['max_candidates']), int(params['seed']),
                                energy_std_per_atom=energy, energy_threshold=energy_threshold)
     verdict = exploration_verdict(result['counts'], float(params['min_candidate_fraction']))
@@ -292,19 +291,11 @@ def committee_calibration(reference, forces: orm.ArrayData, committee: orm.Array
 
 
 def _errors(metrics: dict | None) -> dict | None:
-    """The headline numbers of a TrainingWorkChain ``test_metrics`` Dict."""
+    """The headline numbers of a TrainingWorkChain ``test_metrics`` Dict, with the committee's Spearman on it."""
     if metrics is None:
         return None
-    result = {'n_frames': metrics.get('n_frames')}
-    for key, name in (('forces_mev_per_a', 'forces'), ('energy_per_atom_mev', 'energy_per_atom'),
-                      ('stress_mev_per_a3', 'stress')):
-        if key in metrics:
-            result[f'{name}_rmse'] = metrics[key].get('rmse')
-            result[f'{name}_mae'] = metrics[key].get('mae')
-    result['units'] = {'forces': 'meV/Å', 'energy_per_atom': 'meV/atom', 'stress': 'meV/Å^3'}
-    spearman = (metrics.get('committee') or {}).get('spearman_deviation_vs_error')
-    result['committee_spearman_on_test'] = spearman
-    return result
+    return {**test_errors(metrics),
+            'committee_spearman_on_test': (metrics.get('committee') or {}).get('spearman_deviation_vs_error')}
 
 
 @calcfunction
@@ -359,7 +350,8 @@ def summarize_active_learning(parameters: orm.Dict, **iterations) -> orm.Dict:
         'dataset_sizes': [records[0]['dataset_size']] + [record['dataset_size_after'] for record in records]
         if records else [],
         'calibration_spearman': [record['calibration_spearman'] for record in records],
-        'test_forces_rmse_mev_per_a': [(record['test_errors'] or {}).get('forces_rmse') for record in records],
+        'test_forces_rmse_mev_per_a': [(record['test_errors'] or {}).get('forces_rmse_mev_per_a')
+                                       for record in records],
     })
 
 

@@ -5,7 +5,8 @@ One iteration (DOMAIN.md, "Foundation fine-tuning loop"):
 1. short NVT MD at every volume x temperature in ONE ``MlipMdCalculation`` (the foundation in iteration 1, the
    latest fine-tuned model afterwards);
 2. ``frames_per_volume`` frames per volume, picked by a seeded calcfunction (``random``, or ``diverse``:
-   farthest-point sampling in a radial-distribution fingerprint), so every labeled cell has a creator;
+   farthest-point sampling in the pair-distance descriptor of :mod:`aiida_mlip.analysis.selection`, the one active
+   learning uses), so every labeled cell has a creator;
 3. DFT labels for them (``DftLabelingWorkChain``), merged with the labels of earlier iterations;
 4. fine-tuning of the *foundation* on all labels so far (``TrainingWorkChain`` with ``foundation_model`` and
    ``finetune`` set in ``training.mace``): the final model's ``MaceTrainCalculation`` has the foundation as input;
@@ -27,6 +28,7 @@ from aiida.common import AttributeDict
 from aiida.engine import ToContext, WorkChain, calcfunction, if_, while_
 from aiida.plugins import CalculationFactory
 
+from aiida_mlip.analysis.selection import atoms_descriptors, farthest_point_sampling
 from aiida_mlip.calculations.datasets import merge_datasets, split_indices
 from aiida_mlip.calculations.md import md_parameters_problem
 from aiida_mlip.calculations.metrics import prediction_metrics
@@ -36,6 +38,7 @@ from aiida_mlip.data.model import MlipModel
 from aiida_mlip.protocols import ProtocolMixin
 from aiida_mlip.workflows.checks import code_problem, structure_problem
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain, family_problem
+from aiida_mlip.workflows.loop_helpers import test_errors as _test_errors  # the name campaign.py imports
 from aiida_mlip.workflows.training import TrainingWorkChain
 from aiida_mlip.workflows.validation import MODEL_ONLY, PROPERTY_WORKFLOWS, REFERENCE_OUTPUTS, ValidationWorkChain
 
@@ -63,36 +66,6 @@ MAX_VOLUME_STRAIN = 0.3
 
 
 # ---- pure helpers (no AiiDA) ----------------------------------------------------------------------------------
-def frame_fingerprint(atoms, r_max: float = 6.0, bins: int = 56, sigma: float = 0.1) -> np.ndarray:
-    """Gaussian-smeared radial distribution of a frame (per atom): invariant to rotation and atom order."""
-    from ase.neighborlist import neighbor_list
-
-    distances = neighbor_list('d', atoms, r_max)
-    grid = np.linspace(0.5, r_max, bins)
-    if len(distances) == 0:
-        return np.zeros(bins)
-    values = np.exp(-((grid[:, None] - distances[None, :]) ** 2) / (2 * sigma**2)).sum(axis=1)
-    return values / len(atoms)
-
-
-def farthest_point_indices(features: np.ndarray, count: int, rng) -> list[int]:
-    """Greedy farthest-point sampling of ``count`` rows: a seeded random start, then always the row farthest from
-    the chosen ones (Euclidean). Returns sorted indices."""
-    n_rows = len(features)
-    count = min(count, n_rows)
-    if count <= 0:
-        return []
-    chosen = [int(rng.integers(n_rows))]
-    distance = np.linalg.norm(features - features[chosen[0]], axis=1)
-    distance[chosen[0]] = -np.inf
-    while len(chosen) < count:
-        index = int(np.argmax(distance))
-        chosen.append(index)
-        distance = np.minimum(distance, np.linalg.norm(features - features[index], axis=1))
-        distance[chosen] = -np.inf
-    return sorted(chosen)
-
-
 def failed_sections(verdict: dict) -> list[str]:
     """Property sections (eos, elastic, phonons, md_stability) with at least one failed check."""
     return sorted({key.split('.', 1)[0] for key, passed in (verdict.get('checks') or {}).items() if not passed})
@@ -167,16 +140,6 @@ def _key_errors(comparison: dict) -> dict:
     return result
 
 
-def _test_errors(metrics: dict) -> dict:
-    out = {'n_frames': metrics.get('n_frames')}
-    for key, name in (('energy_per_atom_mev', 'energy_rmse_mev_per_atom'),
-                      ('forces_mev_per_a', 'forces_rmse_mev_per_a'),
-                      ('stress_mev_per_a3', 'stress_rmse_mev_per_a3')):
-        if key in metrics and metrics[key].get('rmse') is not None:
-            out[name] = float(metrics[key]['rmse'])
-    return out
-
-
 # ---- calcfunctions --------------------------------------------------------------------------------------------
 @calcfunction
 def select_md_frames(settings: orm.Dict, summary: orm.Dict, **trajectories) -> dict:
@@ -201,12 +164,12 @@ def select_md_frames(settings: orm.Dict, summary: orm.Dict, **trajectories) -> d
     outputs = {}
     for position, cell_key in enumerate(sorted(pools)):
         candidates = pools[cell_key]
-        rng = np.random.default_rng([seed, position])
         if selection == 'diverse':
-            features = np.array([frame_fingerprint(trajectories[run_key].get_step_structure(index).get_ase())
-                                 for run_key, index in candidates])
-            chosen = farthest_point_indices(features, count, rng)
+            descriptors = atoms_descriptors([trajectories[run_key].get_step_structure(index).get_ase()
+                                             for run_key, index in candidates])
+            chosen = sorted(farthest_point_sampling(descriptors, count, seed=[seed, position]))
         else:
+            rng = np.random.default_rng([seed, position])
             chosen = sorted(rng.choice(len(candidates), size=min(count, len(candidates)), replace=False).tolist())
         for number, choice in enumerate(chosen):
             run_key, index = candidates[choice]
@@ -381,7 +344,8 @@ class FineTuningWorkChain(ProtocolMixin, WorkChain):
         spec.input('frames_per_volume', valid_type=orm.Int, default=lambda: orm.Int(10),
                    help='Frames labeled per volume and iteration (DOMAIN.md: ~10), pooled over the temperatures.')
         spec.input('selection', valid_type=orm.Str, default=lambda: orm.Str('random'),
-                   help='`random` (seeded) or `diverse` (seeded farthest-point sampling of a radial fingerprint).')
+                   help='`random` (seeded) or `diverse` (seeded farthest-point sampling of the pair-distance '
+                        'descriptor of aiida_mlip.analysis.selection).')
         spec.input('max_iterations', valid_type=orm.Int, default=lambda: orm.Int(3),
                    help='Iterations at most; the loop stops as soon as the validation passes.')
         spec.input('compare_with_scratch', valid_type=orm.Bool, default=lambda: orm.Bool(False),

@@ -1,0 +1,1 @@
+"""Campaign files: YAML definitions of labeling -> training -> validation -> transferability runs."""

@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Benchmark: DFT labeling through ``DftLabelingWorkChain`` vs the bare pw.x command lines of the same inputs.
+
+For each case the same N structures are
+  (a) labeled by ``mlip.labeling`` (one PwBaseWorkChain + PwCalculation per structure, launched together,
+      then the dataset calcfunction), timed around ``engine.run``;
+  (b) run as bare ``pw.x -in aiida.in > aiida.out`` with the very input files and pseudopotentials of (a),
+      copied to fresh folders and launched together as the direct scheduler does (one process each).
+The ratio a/b is the AiiDA overhead. Cases: a tiny cell (Si2, 12 Ry, Gamma: pw.x needs well under a second, so
+the engine's fixed cost per job dominates) and a realistic cell (rattled Si8, 35 Ry, k spacing 0.3 1/Å: the
+pw.x time dominates). Goal (issue 7): overhead <= 10 % for realistic cells. (a) and (b) alternate, --repeat
+times, and the best of each is reported, so that a load change on a shared machine hits both alike. CPU
+seconds are printed too, as they hardly depend on the machine's load: the engine's own CPU time during (a)
+(this process; pw.x runs detached under the direct scheduler, so it is not counted) against the pw.x CPU time
+of (b) (the children of this process).
+
+Runs in a throw-away SQLite profile under a temporary AIIDA_PATH (no services needed), pw.x serial:
+
+    OMP_NUM_THREADS=1 python benchmarks/labeling_overhead.py [--tiny 4] [--realistic 2] [--repeat 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+#: name -> (atoms per cell, cubic, rattle amplitude Å, ecutwfc Ry, ecutrho Ry, k-point spacing 1/Å)
+CASES = {
+    'tiny Si2, 12 Ry, Gamma': (2, False, 0.05, 12.0, 48.0, 1.0),
+    'realistic Si8 rattled, 30 Ry, k 0.3': (8, True, 0.05, 30.0, 240.0, 0.3),
+}
+
+
+def structures(atoms_count: int, cubic: bool, rattle: float, count: int) -> dict:
+    from aiida import orm
+    from ase.build import bulk
+
+    cells = {}
+    for index in range(count):
+        atoms = bulk('Si', 'diamond', a=5.43, cubic=cubic)
+        atoms.rattle(rattle, seed=index)
+        cells[f'si{atoms_count}_{index}'] = orm.StructureData(ase=atoms)
+    return cells
+
+
+def run_labeling(code, family: str, cells: dict, ecutwfc: float, ecutrho: float, spacing: float):
+    """(a): the workchain in this process; (wall seconds, engine CPU seconds, node)."""
+    from aiida import engine, orm
+    from aiida_quantumespresso.common.types import ElectronicType
+
+    from aiida_mlip.workflows.labeling import DftLabelingWorkChain
+
+    builder = DftLabelingWorkChain.get_builder_from_protocol(
+        code, cells, protocol='fast', pseudo_family=family, electronic_type=ElectronicType.INSULATOR,
+        overrides={'pw_base': {'kpoints_distance': spacing,
+                               'pw': {'parameters': {'SYSTEM': {'ecutwfc': ecutwfc, 'ecutrho': ecutrho}}}}},
+    )
+    builder.conv_thr_per_atom = orm.Float(1e-8)
+    start, cpu = time.perf_counter(), time.process_time()
+    _, node = engine.run_get_node(builder)
+    return time.perf_counter() - start, time.process_time() - cpu, node
+
+
+def pw_calculations(node) -> list:
+    from aiida import orm
+
+    return [calc for calc in node.called_descendants
+            if isinstance(calc, orm.CalcJobNode) and calc.process_type.endswith('quantumespresso.pw')]
+
+
+def run_bare(calculations, folder: pathlib.Path, executable: str) -> tuple[float, float]:
+    """(b): copy each job's aiida.in and pseudo/ to a fresh folder; start all pw.x at once, wait for the last.
+
+    :returns: (wall seconds, pw.x CPU seconds)
+    """
+    folders = []
+    for calc in calculations:
+        source = pathlib.Path(calc.outputs.remote_folder.get_remote_path())
+        target = folder / f'pk{calc.pk}'
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        shutil.copy(source / 'aiida.in', target / 'aiida.in')
+        shutil.copytree(source / 'pseudo', target / 'pseudo')
+        folders.append(target)
+    start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    processes = []
+    for target in folders:
+        with open(target / 'aiida.out', 'w') as output:
+            processes.append(subprocess.Popen([executable, '-in', 'aiida.in'], cwd=target, stdout=output,
+                                              stderr=subprocess.STDOUT))
+    codes = [process.wait() for process in processes]
+    elapsed, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    if any(codes) or not all('JOB DONE' in (target / 'aiida.out').read_text() for target in folders):
+        raise RuntimeError(f'a bare pw.x run failed in {folder}')
+    return elapsed, after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--tiny', type=int, default=4, help='structures of the tiny case')
+    parser.add_argument('--realistic', type=int, default=2, help='structures of the realistic case')
+    parser.add_argument('--repeat', type=int, default=2, help='alternating repetitions of (a) and (b); best is shown')
+    args = parser.parse_args(argv)
+    root = pathlib.Path(tempfile.mkdtemp(prefix='aiida-mlip-bench-'))
+    os.environ['AIIDA_PATH'] = str(root)
+    try:
+        return _benchmark(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _benchmark(args, root: pathlib.Path) -> int:
+    from aiida_mlip.setup.environment import ensure_localhost, ensure_profile, ensure_pw_code, find_pw_executable
+    from aiida_mlip.setup.pseudos import DEFAULT_PSEUDO_DIRS, install_family, scan_upf_files, select_pseudos
+
+    ensure_profile('bench', broker=None)
+    code = ensure_pw_code(ensure_localhost(workdir=str(root / 'scratch')))
+    family, _ = install_family('PBE-bench', select_pseudos(
+        scan_upf_files([d for d in DEFAULT_PSEUDO_DIRS if d.is_dir()]), 'PBE'), 'PBE')
+    print(f'pseudopotential: {family.get_pseudo("Si").filename}; pw.x serial, OMP_NUM_THREADS='
+          f'{os.environ["OMP_NUM_THREADS"]}, {os.cpu_count()} cores')
+    summary = []
+    for (name, (atoms_count, cubic, rattle, ecutwfc, ecutrho, spacing)), count in zip(
+            CASES.items(), (args.tiny, args.realistic)):
+        if count <= 0:
+            continue
+        cells = structures(atoms_count, cubic, rattle, count)
+        aiida_times, bare_times, engine_cpu, pw_cpu = [], [], [], []
+        for repeat in range(args.repeat):
+            elapsed, cpu, node = run_labeling(code, family.label, cells, ecutwfc, ecutrho, spacing)
+            if not node.is_finished_ok:
+                raise RuntimeError(f'labeling failed: {node.exit_status} {node.exit_message}')
+            calculations = pw_calculations(node)
+            if len(calculations) != count:  # a PwBaseWorkChain restart would make the comparison unfair
+                raise RuntimeError(f'{len(calculations)} pw.x jobs for {count} structures: restarts happened')
+            aiida_times.append(elapsed)
+            engine_cpu.append(cpu)
+            wall, cpu = run_bare(calculations, root / 'bare' / str(repeat), find_pw_executable())
+            bare_times.append(wall)
+            pw_cpu.append(cpu)
+        a, b = min(aiida_times), min(bare_times)
+        summary.append((name, count, a, b))
+        print(f'{name}: {count} structures')
+        print(f'  (a) mlip.labeling  {a:8.2f} s   (runs {", ".join(f"{t:.2f}" for t in aiida_times)})')
+        print(f'  (b) bare pw.x      {b:8.2f} s   (runs {", ".join(f"{t:.2f}" for t in bare_times)})')
+        print(f'  a/b = {a / b:.3f}: overhead {100 * (a / b - 1):+.1f} % ({(a - b) / count:.2f} s per structure)')
+        print(f'  CPU: engine {min(engine_cpu):.2f} s ({min(engine_cpu) / count:.2f} s per structure) vs pw.x '
+              f'{min(pw_cpu):.2f} s: {100 * min(engine_cpu) / min(pw_cpu):.1f} % of the pw.x CPU time')
+    print('summary: ' + '; '.join(f'{name}: a/b {a / b:.3f}' for name, _, a, b in summary)
+          + ' (goal: overhead <= 10 % for realistic cells)')
+    print(f'load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
