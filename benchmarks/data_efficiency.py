@@ -56,6 +56,7 @@ Everything happens in a temporary folder that is deleted at the end (``--keep`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -175,6 +176,26 @@ def force_rmse_mev(model_path, frames) -> float:
     predicted = np.concatenate([f[0] for f in result['forces']])
     reference = np.concatenate([frame.arrays['REF_forces'] for frame in frames])
     return float(np.sqrt(np.mean((predicted - reference) ** 2)) * 1000)
+
+
+
+@contextlib.contextmanager
+def scratch_folder(prefix: str, keep: bool):
+    """A temporary working folder, removed afterwards unless ``keep``."""
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield workdir
+    finally:
+        if keep:
+            print(f'kept {workdir}')
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def save(args, result: dict):
+    """Write ``result`` to the --json file, if one was given."""
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=float))
 
 
 def parse_common(parser, argv):
@@ -385,9 +406,8 @@ def part_a(argv=None) -> dict:
     if args.random_sizes[0] != args.seed_labels:
         parser.error('the first random size must equal --seed-labels (random@seed = the AL seed model)')
 
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix='data_efficiency_a_'))
     start = time.perf_counter()
-    try:
+    with scratch_folder('data_efficiency_a_', args.keep) as workdir:
         from ase.io import write
 
         print(f'part (a): active learning vs random; load average {os.getloadavg()[0]:.1f}', flush=True)
@@ -419,9 +439,7 @@ def part_a(argv=None) -> dict:
             print(f'  replicate {replicate}: random ' + ', '.join(
                 f'{s}: {random[s][-1]:.1f}' for s in args.random_sizes) + ' meV/Å; '
                 f'{time.perf_counter() - start:.0f} s', flush=True)
-            if args.json:  # partial results survive an interrupted run
-                args.json.write_text(json.dumps({'partial': True, 'AL': al, 'random': random, 'al_logs': logs},
-                                                indent=1, default=float))
+            save(args, {'partial': True, 'AL': al, 'random': random, 'al_logs': logs})  # survives an interrupted run
 
         curves = {'AL': curve_stats(al), 'random': curve_stats(random)}
         comparison = compare('a', curves['AL'], curves['random'], 'AL', 'random')
@@ -436,14 +454,8 @@ def part_a(argv=None) -> dict:
             'targets': TARGETS['a'], 'curves': curves, 'al_logs': logs, 'comparison': comparison,
             'verdict': verdict, 'wall_seconds': wall,
         }
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=1, default=float))
+        save(args, result)
         return result
-    finally:
-        if args.keep:
-            print(f'kept {workdir}')
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ==== part (b): fine-tuning a foundation vs training from scratch ===================================================
@@ -531,9 +543,8 @@ def part_b(argv=None) -> dict:
     parser.add_argument('--foundation-epochs', type=int, default=30)
     args = parse_common(parser, argv)
 
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix='data_efficiency_b_'))
     start = time.perf_counter()
-    try:
+    with scratch_folder('data_efficiency_b_', args.keep) as workdir:
         from ase.io import write
 
         print(f'part (b): fine-tuning vs from scratch; load average {os.getloadavg()[0]:.1f}', flush=True)
@@ -577,9 +588,8 @@ def part_b(argv=None) -> dict:
                 f'{s}: {finetune[s][-1]:.1f}' for s in args.finetune_sizes) + '; scratch ' + ', '.join(
                 f'{s}: {scratch[s][-1]:.1f}' for s in args.scratch_sizes) + f' meV/Å; '
                 f'{time.perf_counter() - start:.0f} s', flush=True)
-            if args.json:  # partial results survive an interrupted run
-                args.json.write_text(json.dumps({'partial': True, 'zero_shot_mev_per_a': zero_shot,
-                                                 'fine-tuned': finetune, 'scratch': scratch}, indent=1, default=float))
+            save(args, {'partial': True, 'zero_shot_mev_per_a': zero_shot, 'fine-tuned': finetune,  # survives an interrupted run
+                        'scratch': scratch})
 
         curves = {'fine-tuned': curve_stats(finetune), 'scratch': curve_stats(scratch)}
         comparison = compare('b', curves['fine-tuned'], curves['scratch'], 'fine-tuned', 'scratch')
@@ -595,14 +605,8 @@ def part_b(argv=None) -> dict:
             'targets': TARGETS['b'], 'zero_shot_mev_per_a': zero_shot, 'curves': curves, 'comparison': comparison,
             'verdict': verdict, 'wall_seconds': wall,
         }
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=1, default=float))
+        save(args, result)
         return result
-    finally:
-        if args.keep:
-            print(f'kept {workdir}')
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def summarize(part: str, path: pathlib.Path) -> str:

@@ -38,7 +38,7 @@ from aiida_mlip.data.model import MlipModel
 from aiida_mlip.protocols import ProtocolMixin
 from aiida_mlip.workflows.checks import code_problem, structure_problem
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain, family_problem
-from aiida_mlip.workflows.loop_helpers import test_errors as _test_errors  # the name campaign.py imports
+from aiida_mlip.workflows.loop_helpers import test_errors
 from aiida_mlip.workflows.training import TrainingWorkChain
 from aiida_mlip.workflows.validation import MODEL_ONLY, PROPERTY_WORKFLOWS, REFERENCE_OUTPUTS, ValidationWorkChain
 
@@ -199,7 +199,7 @@ def compare_models(settings: orm.Dict, **results) -> orm.Dict:
         members = results['test_metrics']['members']
         groups = {}
         for row, group in enumerate(settings['test_members']):
-            groups.setdefault(group, []).append(_test_errors(members[row]))
+            groups.setdefault(group, []).append(test_errors(members[row]))
         for group, rows in groups.items():
             entry = {key: float(np.mean([row[key] for row in rows])) for key in rows[0] if key != 'n_frames'}
             entry['n_frames'] = rows[0]['n_frames']
@@ -714,7 +714,7 @@ class FineTuningWorkChain(ProtocolMixin, WorkChain):
             'validation': _key_errors(comparison),
         }
         if 'test_metrics' in self.ctx.finetune.outputs:
-            summary['test'] = _test_errors(self.ctx.finetune.outputs.test_metrics.get_dict())
+            summary['test'] = test_errors(self.ctx.finetune.outputs.test_metrics.get_dict())
         if self.ctx.passed:
             self.report(f'iteration {self.ctx.iteration}: validation PASSED')
         elif not self._last_iteration:
