@@ -68,6 +68,8 @@ def band_overlay(distances, bands: dict, ticks: list | None = None) -> bytes:
 
 def parity(reference, model, label: str, unit: str) -> bytes:
     """Model vs reference values with the y = x line (e.g. Cij in GPa, forces in eV/Å)."""
+    from matplotlib.ticker import MaxNLocator
+
     reference, model = np.ravel(reference), np.ravel(model)
     fig, ax = _figure(3.8, 3.6)
     ax.plot(reference, model, 'o', color=COLOURS['mlip'], markersize=4)
@@ -75,6 +77,12 @@ def parity(reference, model, label: str, unit: str) -> bytes:
     ax.plot([low, high], [low, high], '-', color='grey', linewidth=0.8)
     ax.set_xlabel(f'DFT {label} ({unit})')
     ax.set_ylabel(f'MLIP {label} ({unit})')
+    # Total energies per atom sit far from zero with a small spread: plain tick labels, few of them, slanted,
+    # instead of matplotlib's offset notation that overlaps the axis title.
+    ax.ticklabel_format(useOffset=False, style='plain')
+    ax.xaxis.set_major_locator(MaxNLocator(4))
+    ax.yaxis.set_major_locator(MaxNLocator(5))
+    ax.tick_params(axis='x', labelrotation=30)
     return _png(fig)
 
 
