@@ -18,7 +18,7 @@ GOOD = {
     'name': 'demo',
     'classes': {
         'covalent': {'materials': [{'formula': 'Si', 'prototype': 'diamond', 'a': 5.43}]},
-        'metals': {'materials': [{'formula': 'Cu', 'prototype': 'fcc', 'a': 3.61}]},
+        'metals': {'materials': [{'formula': 'Cu', 'prototype': 'fcc', 'a': 3.61, 'cubic': True}]},
     },
     'sampling': {'volumes': [-0.02, 0.0, 0.02], 'rattle': {'amplitude': 0.05, 'count': 2, 'seed': 3}},
     'training': {'committee_size': 2},
@@ -44,6 +44,7 @@ def test_good_campaign_is_normalised():
     assert campaign['elements'] == ['Cu', 'Si']
     assert campaign['classes'] == {'covalent': ['si'], 'metals': ['cu']}
     assert campaign['materials']['si']['n_atoms'] == 2 and campaign['materials']['cu']['elements'] == ['Cu']
+    assert campaign['materials']['cu']['n_atoms'] == 4  # cubic: a rattled cell with forces
     assert campaign['materials']['si']['sampling']['rattle'] == {'amplitude': 0.05, 'count': 2, 'seed': 3}
     assert campaign['dft']['protocol'] == 'fast' and campaign['training']['mode'] == 'scratch'
     assert campaign['transferability']['train_all'] is True
@@ -95,6 +96,8 @@ def test_shipped_campaign_files_are_valid(path):
      ['camp.yaml:transferability: needs at least 2 classes, the campaign has 1']),
     (lambda d: d['classes']['metals']['materials'].append({'formula': 'Si', 'prototype': 'diamond', 'a': 5.5}),
      ['camp.yaml:classes.metals.materials[1]: material name `si` is used twice']),
+    (lambda d: d['classes']['metals']['materials'][0].pop('cubic'),
+     ['camp.yaml:classes.metals.materials[0].sampling.rattle: rattling a 1-atom cell moves the atom with its images']),
     (lambda d: d['classes']['covalent']['materials'][0].update(file='missing.cif'),
      ['camp.yaml:classes.covalent.materials[0]: give either `file` or `formula`']),
 ])

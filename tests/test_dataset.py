@@ -60,6 +60,31 @@ def test_split_is_seeded_complete_and_disjoint():
     assert [len(first[name]) for name in ('train', 'valid', 'test')] == [16, 2, 2]
 
 
+@pytest.mark.parametrize('seed', range(6))
+def test_stratified_split_spreads_every_config_type_over_the_splits(seed):
+    """6 volume-scan + 6 rattled frames and 2 isolated atoms, 25 % test: the unstratified sizes, both kinds in test."""
+    strata = ['volume'] * 6 + ['rattle'] * 6 + ['IsolatedAtom'] * 2
+    fractions = {'train': 0.75, 'test': 0.25}
+    plain = split_indices(14, fractions, seed, always_train=[12, 13])
+    split = split_indices(14, fractions, seed, always_train=[12, 13], strata=strata)
+    assert {name: len(indices) for name, indices in split.items()} == {name: len(indices) for name, indices in plain.items()}
+    assert sorted(i for part in split.values() for i in part) == list(range(14))
+    assert {strata[i] for i in split['test']} == {'volume', 'rattle'}
+    assert {12, 13} <= set(split['train'])
+    assert split == split_indices(14, fractions, seed, always_train=[12, 13], strata=strata)
+    with pytest.raises(ValueError, match='not both'):
+        split_indices(14, fractions, seed, groups=strata, strata=strata)
+
+
+def test_split_dataset_stratified_by_config_type():
+    types = ['volume'] * 4 + ['rattle'] * 4 + ['IsolatedAtom']
+    dataset = TrainingSet.from_ase(frames(9, types), fingerprint=FINGERPRINT).store()
+    parts = split_dataset(dataset, orm.Dict({'train': 0.75, 'test': 0.25}), orm.Int(2),
+                          stratify_by=orm.Str('config_type'))
+    assert sorted(parts['test'].config_types) == ['rattle', 'volume']
+    assert parts['train'].n_frames == 7
+
+
 def test_group_split_keeps_groups_together_and_isolated_atoms_in_train():
     types = ['a'] * 4 + ['b'] * 4 + ['c'] * 4 + ['IsolatedAtom']
     dataset = TrainingSet.from_ase(frames(13, types), fingerprint=FINGERPRINT).store()

@@ -1,6 +1,8 @@
 """Calcfunctions that make, split and merge ``mlip.dataset`` nodes, so every dataset has a creator in the graph."""
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 from aiida import orm
 from aiida.engine import calcfunction
@@ -49,13 +51,17 @@ def collect_labeled_frames(settings: orm.Dict, **frames) -> TrainingSet:
     return TrainingSet.from_ase(atoms_list, fingerprint=settings['fingerprint'], sources=sources)
 
 
-def split_indices(n_frames: int, fractions: dict, seed: int, groups=None, always_train=()) -> dict:
+def split_indices(n_frames: int, fractions: dict, seed: int, groups=None, always_train=(), strata=None) -> dict:
     """Seeded assignment of frame indices to splits.
 
     With ``groups`` (one key per frame, e.g. config_type or composition) whole groups go to one split, so
     no group leaks between training and test; groups are shuffled and filled in the order train, valid, test.
     ``always_train`` indices (IsolatedAtom frames: they define E0, they are not test data) go to train.
     Each unit (frame or group), in seeded random order, goes to the split furthest below its share.
+    With ``strata`` (one key per frame, e.g. config_type; not with ``groups``) the splits get the same sizes, but
+    each stratum is spread over them in proportion: a test set of a class sampled by volume scans and rattles then
+    holds rattled frames too (volume-scan frames of symmetric cells have zero forces, so a test set of only those
+    would score every model's forces as perfect).
     """
     names = [name for name in SPLIT_NAMES if fractions.get(name, 0) > 0]
     total = sum(fractions[name] for name in names)
@@ -71,18 +77,53 @@ def split_indices(n_frames: int, fractions: dict, seed: int, groups=None, always
     order = rng.permutation(len(units))
     result = {name: [] for name in names}
     targets = {name: fractions[name] * len(candidates) for name in names}
-    for position in order:
-        # The split furthest below its share takes the next unit (ties: train, valid, test).
-        name = max(names, key=lambda n: (targets[n] - len(result[n]), -names.index(n)))
-        result[name].extend(units[position])
+    if strata is not None:
+        if groups is not None:
+            raise ValueError('split by groups or by strata, not both')
+        _split_stratified([units[position][0] for position in order], strata, names, targets, result)
+    else:
+        for position in order:
+            # The split furthest below its share takes the next unit (ties: train, valid, test).
+            name = max(names, key=lambda n: (targets[n] - len(result[n]), -names.index(n)))
+            result[name].extend(units[position])
     result.setdefault('train', []).extend(sorted(always_train))
     return {name: sorted(indices) for name, indices in result.items()}
 
 
+def _split_stratified(shuffled: list, strata, names: list, targets: dict, result: dict):
+    """Fill ``result`` with the split sizes of the unstratified rule, each stratum spread evenly over the splits.
+
+    The shuffled frames are ordered by their rank within their stratum (as a fraction of the stratum's size), so
+    every stretch of that order holds each stratum in proportion; the splits then take consecutive stretches.
+    """
+    sizes = {name: 0 for name in names}
+    for _ in shuffled:
+        name = max(names, key=lambda n: (targets[n] - sizes[n], -names.index(n)))
+        sizes[name] += 1
+    totals = collections.Counter(strata[index] for index in shuffled)
+    seen = collections.Counter()
+    keyed = []
+    for position, index in enumerate(shuffled):
+        keyed.append(((seen[strata[index]] + 0.5) / totals[strata[index]], position, index))
+        seen[strata[index]] += 1
+    ordered = [index for *_, index in sorted(keyed)]
+    start = 0
+    for name in names:
+        result[name].extend(ordered[start:start + sizes[name]])
+        start += sizes[name]
+
+
 @calcfunction
-def split_dataset(dataset: TrainingSet, fractions: orm.Dict, seed: orm.Int, group_by: orm.Str = None) -> dict:
-    """Seeded split of a dataset into ``train``/``valid``/``test`` datasets (see :func:`split_indices`)."""
+def split_dataset(dataset: TrainingSet, fractions: orm.Dict, seed: orm.Int, group_by: orm.Str = None,
+                  stratify_by: orm.Str = None) -> dict:
+    """Seeded split of a dataset into ``train``/``valid``/``test`` datasets (see :func:`split_indices`);
+    ``stratify_by`` = ``config_type`` spreads every config type over the splits in proportion."""
     config = dataset.get_arrays()['config_type']
+    strata = None
+    if stratify_by is not None:
+        if stratify_by.value != 'config_type':
+            raise ValueError(f'stratify_by must be `config_type`, got `{stratify_by.value}`')
+        strata = list(config)
     groups = None
     if group_by is not None:
         if group_by.value == 'config_type':
@@ -92,7 +133,8 @@ def split_dataset(dataset: TrainingSet, fractions: orm.Dict, seed: orm.Int, grou
         else:
             raise ValueError(f'group_by must be `config_type` or `composition`, got `{group_by.value}`')
     isolated = [i for i, c in enumerate(config) if c == ISOLATED_ATOM]
-    indices = split_indices(len(dataset), fractions.get_dict(), seed.value, groups, always_train=isolated)
+    indices = split_indices(len(dataset), fractions.get_dict(), seed.value, groups, always_train=isolated,
+                            strata=strata)
     empty = [name for name, chosen in indices.items() if not chosen]
     if empty:
         raise ValueError(f'split {empty} would be empty: {len(dataset)} frames are too few for {fractions.get_dict()}')

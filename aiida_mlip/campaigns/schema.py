@@ -14,6 +14,7 @@ import functools
 import pathlib
 import re
 
+import numpy as np
 import yaml
 
 from aiida_mlip.protocols import PROTOCOL_DIR
@@ -387,6 +388,10 @@ def _check_material(checker: _Checker, value, key: str, sampling: dict, base_dir
     if not material_sampling.get('volumes') and not material_sampling.get('rattle') and \
             not material_sampling.get('strains'):
         checker.error(f'{key}.sampling', 'samples no cell: give volumes, rattle or strains')
+    repetitions = material_sampling.get('supercell') or (1, 1, 1)
+    if material_sampling.get('rattle') and len(atoms) * int(np.prod(repetitions)) == 1:
+        checker.error(f'{key}.sampling.rattle', 'rattling a 1-atom cell moves the atom with its images: every force '
+                                                 'stays zero. Use `cubic: true` or `supercell: [2, 2, 2]`')
     return {'name': name, 'source': source, 'elements': sorted(set(atoms.get_chemical_symbols())),
             'n_atoms': len(atoms), 'sampling': material_sampling}
 

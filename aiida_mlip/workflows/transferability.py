@@ -399,13 +399,17 @@ class TransferabilityWorkChain(ProtocolMixin, WorkChain):
 
     # ---- outline -------------------------------------------------------------------------------------------
     def split_classes(self):
-        """One seeded test split per class: the test set every model is scored on, and the training pool."""
+        """One seeded test split per class: the test set every model is scored on, and the training pool.
+
+        Stratified by config type, so a class sampled by volume scans and rattles is tested on rattled frames too.
+        """
         fraction = self.inputs.test_fraction.value
         self.ctx.classes = list(self.inputs.datasets)
         self.ctx.pools, self.ctx.test_sets = {}, {}
         for name in self.ctx.classes:
             parts = split_dataset(self.inputs.datasets[name], orm.Dict({'train': 1.0 - fraction, 'test': fraction}),
-                                  self.inputs.seed, metadata={'call_link_label': f'split_{name}'})
+                                  self.inputs.seed, stratify_by=orm.Str('config_type'),
+                                  metadata={'call_link_label': f'split_{name}'})
             self.ctx.pools[name], self.ctx.test_sets[name] = parts['train'], parts['test']
             self.out(f'test_sets.{name}', parts['test'])
             self.report(f'class {name}: {parts["test"].n_frames} test frames, {parts["train"].n_frames} to train on')
