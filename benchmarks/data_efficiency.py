@@ -56,15 +56,12 @@ Everything happens in a temporary folder that is deleted at the end (``--keep`` 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
@@ -74,6 +71,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
+
+from scratch import scratch_folder  # noqa: E402  (benchmarks/scratch.py)
 
 #: Pre-registered targets (meV/Å), see the module docstring: primary first, then the band edges.
 TARGETS = {'a': (75.0, 50.0, 100.0), 'b': (20.0, 10.0, 30.0)}
@@ -177,19 +176,6 @@ def force_rmse_mev(model_path, frames) -> float:
     reference = np.concatenate([frame.arrays['REF_forces'] for frame in frames])
     return float(np.sqrt(np.mean((predicted - reference) ** 2)) * 1000)
 
-
-
-@contextlib.contextmanager
-def scratch_folder(prefix: str, keep: bool):
-    """A temporary working folder, removed afterwards unless ``keep``."""
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        yield workdir
-    finally:
-        if keep:
-            print(f'kept {workdir}')
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def save(args, result: dict):
@@ -535,8 +521,8 @@ def b_target_data(per_condition: int, test_per_condition: int, valid_per_conditi
 def part_b(argv=None) -> dict:
     """Fine-tuning vs from scratch: labels needed for the pre-registered force RMSE targets."""
     parser = argparse.ArgumentParser(prog='data_efficiency.py --part b', description=part_b.__doc__)
-    parser.add_argument('--finetune-sizes', type=int, nargs='+', default=[1, 2, 4])
-    parser.add_argument('--scratch-sizes', type=int, nargs='+', default=[2, 4, 8, 32])
+    parser.add_argument('--finetune-sizes', type=int, nargs='+', default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument('--scratch-sizes', type=int, nargs='+', default=[2, 4, 8, 16, 32, 64, 128])
     parser.add_argument('--pool-per-condition', type=int, default=30)
     parser.add_argument('--test-per-condition', type=int, default=15)
     parser.add_argument('--foundation-per-condition', type=int, default=6)

@@ -31,8 +31,9 @@ import os
 import pathlib
 import shutil
 import sys
-import tempfile
 import time
+
+from scratch import scratch_folder  # benchmarks/scratch.py
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
@@ -98,15 +99,8 @@ def main(argv=None) -> int:
     parser.add_argument('--keep', action='store_true', help='keep the temporary AiiDA profile folder')
     args = parser.parse_args(argv)
 
-    root = pathlib.Path(tempfile.mkdtemp(prefix='aiida-mlip-bench-'))
-    os.environ['AIIDA_PATH'] = str(root)  # before aiida is imported: the profile lives in this folder only
-    try:
+    with scratch_folder(keep=args.keep) as root:  # before aiida is imported: the profile lives there only
         return _benchmark(args, root)
-    finally:
-        if args.keep:
-            print(f'kept {root}')
-        else:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def _benchmark(args, root: pathlib.Path) -> int:

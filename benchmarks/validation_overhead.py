@@ -18,11 +18,11 @@ import argparse
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
+
+from scratch import scratch_folder  # benchmarks/scratch.py
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
@@ -104,12 +104,8 @@ def main(argv=None) -> int:
         print(json.dumps(bare_validation(str(args.bare))))
         return 0
 
-    root = pathlib.Path(tempfile.mkdtemp(prefix='aiida-mlip-bench-'))
-    os.environ['AIIDA_PATH'] = str(root)
-    try:
+    with scratch_folder() as root:
         return _benchmark(args, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _benchmark(args, root: pathlib.Path) -> int:
