@@ -157,7 +157,7 @@ def _benchmark(args, root: pathlib.Path) -> int:
         if count <= 0:
             continue
         cells = structures(atoms_count, cubic, rattle, count)
-        aiida_times, bare_times, engine_cpu, pw_cpu, own_a, own_b = [], [], [], [], [], []
+        aiida_runs, bare_runs = [], []  # per repetition: (wall s, CPU s, longest wall a pw.x reports for itself)
         for repeat in range(args.repeat):
             elapsed, cpu, node = run_labeling(code, family.label, cells, ecutwfc, ecutrho, spacing)
             if not node.is_finished_ok:
@@ -165,26 +165,22 @@ def _benchmark(args, root: pathlib.Path) -> int:
             calculations = pw_calculations(node)
             if len(calculations) != count:  # a PwBaseWorkChain restart would make the comparison unfair
                 raise RuntimeError(f'{len(calculations)} pw.x jobs for {count} structures: restarts happened')
-            aiida_times.append(elapsed)
-            engine_cpu.append(cpu)
-            own_a.append(max(calc.outputs.output_parameters['wall_time_seconds'] for calc in calculations))
-            wall, cpu, own = run_bare(calculations, root / 'bare' / str(repeat), find_pw_executable())
-            bare_times.append(wall)
-            pw_cpu.append(cpu)
-            own_b.append(own)
-        a, b = min(aiida_times), min(bare_times)
+            own = max(calc.outputs.output_parameters['wall_time_seconds'] for calc in calculations)
+            aiida_runs.append((elapsed, cpu, own))
+            bare_runs.append(run_bare(calculations, root / 'bare' / str(repeat), find_pw_executable()))
+        (a, _, own_a), (b, _, own_b) = min(aiida_runs), min(bare_runs)
+        engine_cpu, pw_cpu = min(run[1] for run in aiida_runs), min(run[1] for run in bare_runs)
         summary.append((name, count, a, b))
         system = calculations[0].inputs.parameters['SYSTEM']
         print(f'{name}: {count} structures, ecutwfc/ecutrho {system["ecutwfc"]}/{system["ecutrho"]} Ry, '
               f'k-points {calculations[0].inputs.kpoints.get_kpoints_mesh()[0]}')
-        print(f'  (a) mlip.labeling  {a:8.2f} s   (runs {", ".join(f"{t:.2f}" for t in aiida_times)})')
-        print(f'  (b) bare pw.x      {b:8.2f} s   (runs {", ".join(f"{t:.2f}" for t in bare_times)})')
+        print(f'  (a) mlip.labeling  {a:8.2f} s   (runs {", ".join(f"{run[0]:.2f}" for run in aiida_runs)})')
+        print(f'  (b) bare pw.x      {b:8.2f} s   (runs {", ".join(f"{run[0]:.2f}" for run in bare_runs)})')
         print(f'  a/b = {a / b:.3f}: overhead {100 * (a / b - 1):+.1f} % ({(a - b) / count:.2f} s per structure)')
-        best_a, best_b = aiida_times.index(a), bare_times.index(b)
-        print(f'  pw.x wall as pw.x reports it (longest job of the best run): (a) {own_a[best_a]:.2f} s, (b) '
-              f'{own_b[best_b]:.2f} s: the engine outside pw.x {a - own_a[best_a]:.2f} s, bare {b - own_b[best_b]:.2f} s')
-        print(f'  CPU: engine {min(engine_cpu):.2f} s ({min(engine_cpu) / count:.2f} s per structure) vs pw.x '
-              f'{min(pw_cpu):.2f} s: {100 * min(engine_cpu) / min(pw_cpu):.1f} % of the pw.x CPU time')
+        print(f'  pw.x wall as pw.x reports it (longest job of the best run): (a) {own_a:.2f} s, (b) {own_b:.2f} s: '
+              f'the engine outside pw.x {a - own_a:.2f} s, bare {b - own_b:.2f} s')
+        print(f'  CPU: engine {engine_cpu:.2f} s ({engine_cpu / count:.2f} s per structure) vs pw.x '
+              f'{pw_cpu:.2f} s: {100 * engine_cpu / pw_cpu:.1f} % of the pw.x CPU time')
     print('summary: ' + '; '.join(f'{name}: a/b {a / b:.3f}' for name, _, a, b in summary)
           + ' (goal: overhead <= 10 % for realistic cells)')
     print(f'load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
