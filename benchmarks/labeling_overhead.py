@@ -11,16 +11,21 @@ the engine's fixed cost per job dominates), a small realistic cell (rattled Si8,
 production-setting one (rattled Si8 at the pseudopotential family's recommended cutoffs, as the protocols use them,
 k spacing 0.2 1/Å, between the `fast` 0.5 and `balanced` 0.15 protocols). Goal (issue 7): overhead <= 10 % for
 realistic cells. (a) and (b) alternate, --repeat times, and the best of each is reported, so that a load change on
-a shared machine hits both alike. CPU seconds are printed too, as they hardly depend on the machine's load: the
-engine's own CPU time during (a) (this process; pw.x runs detached under the direct scheduler, so it is not counted)
-against the pw.x CPU time of (b) (the children of this process). ``--poll-interval`` sets how often the engine
-polls the scheduler and the process (default 1 s, as ``aiida-mlip setup`` sets for short jobs): polling costs CPU
-for every second a job runs, on the cores pw.x runs on.
+a shared machine hits both alike (odd repetitions in reverse order). CPU seconds are printed too: the engine's
+own CPU time during (a) (this process) and that of the shell commands it runs (scheduler polls and submissions: its
+waited-for children; pw.x runs detached under the direct scheduler, so it is not counted), against the pw.x CPU time
+of (b). ``--poll-interval`` sets how often the engine polls the scheduler and the process (default 1 s, as
+``aiida-mlip setup`` sets for short jobs): every poll stores the job's scheduler state (SQLite commits), so polling
+costs CPU for every second a job runs, on the cores pw.x runs on. Variants of (a), side by side in the same run:
+``--compare-poll-interval S`` adds (a'') on a second localhost computer polled every S seconds;
+``--compare-login-shell`` adds (a') on one whose transport runs its commands in a login shell (``bash -l -c``,
+aiida-core's default, which ``aiida-mlip setup`` used before it set ``use_login_shell=False``): every scheduler
+poll then also reads the shell's profile files.
 
 Runs in a throw-away SQLite profile under a temporary AIIDA_PATH (no services needed), pw.x serial:
 
     OMP_NUM_THREADS=1 python benchmarks/labeling_overhead.py [--tiny 4] [--realistic 2] [--production 0]
-        [--poll-interval 1] [--repeat 2]
+        [--poll-interval 1] [--compare-poll-interval 5] [--compare-login-shell] [--repeat 2]
 """
 from __future__ import annotations
 
@@ -61,7 +66,7 @@ def structures(atoms_count: int, cubic: bool, rattle: float, count: int) -> dict
 
 
 def run_labeling(code, family: str, cells: dict, ecutwfc: float | None, ecutrho: float | None, spacing: float):
-    """(a): the workchain in this process; (wall seconds, engine CPU seconds, node)."""
+    """(a): the workchain in this process; (wall s, engine CPU s, CPU s of the shell commands it ran, node)."""
     from aiida import engine, orm
     from aiida_quantumespresso.common.types import ElectronicType
 
@@ -73,9 +78,14 @@ def run_labeling(code, family: str, cells: dict, ecutwfc: float | None, ecutrho:
         overrides={'pw_base': {'kpoints_distance': spacing, 'pw': {'parameters': {'SYSTEM': cutoffs}}}},
     )
     builder.conv_thr_per_atom = orm.Float(1e-8)
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu, shell_cpu = time.perf_counter(), time.process_time(), children_cpu_seconds()
     _, node = engine.run_get_node(builder)
-    return time.perf_counter() - start, time.process_time() - cpu, node
+    return time.perf_counter() - start, time.process_time() - cpu, children_cpu_seconds() - shell_cpu, node
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def pw_calculations(node) -> list:
@@ -106,18 +116,18 @@ def run_bare(calculations, folder: pathlib.Path, executable: str) -> tuple[float
         shutil.copy(source / 'aiida.in', target / 'aiida.in')
         shutil.copytree(source / 'pseudo', target / 'pseudo')
         folders.append(target)
-    start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    start, cpu = time.perf_counter(), children_cpu_seconds()
     processes = []
     for target in folders:
         with open(target / 'aiida.out', 'w') as output:
             processes.append(subprocess.Popen([executable, '-in', 'aiida.in'], cwd=target, stdout=output,
                                               stderr=subprocess.STDOUT))
     codes = [process.wait() for process in processes]
-    elapsed, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    elapsed, cpu = time.perf_counter() - start, children_cpu_seconds() - cpu
     if any(codes) or not all('JOB DONE' in (target / 'aiida.out').read_text() for target in folders):
         raise RuntimeError(f'a bare pw.x run failed in {folder}')
     own = max(pw_wall_seconds((target / 'aiida.out').read_text()) for target in folders)
-    return elapsed, after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime, own
+    return elapsed, cpu, own
 
 
 def main(argv=None) -> int:
@@ -128,6 +138,10 @@ def main(argv=None) -> int:
                         help='structures of the production-setting case (pw.x several minutes each; default: skip)')
     parser.add_argument('--poll-interval', type=float, default=None,
                         help='seconds between scheduler and runner polls (default: 1, what `aiida-mlip setup` sets)')
+    parser.add_argument('--compare-poll-interval', type=float, default=None, metavar='SECONDS',
+                        help="also run (a'') on a computer polled every SECONDS")
+    parser.add_argument('--compare-login-shell', action='store_true',
+                        help='also run (a) on a computer whose commands run in a login shell (aiida-core default)')
     parser.add_argument('--repeat', type=int, default=2, help='alternating repetitions of (a) and (b); best is shown')
     args = parser.parse_args(argv)
     with scratch_folder() as root:
@@ -141,47 +155,69 @@ def _benchmark(args, root: pathlib.Path) -> int:
     from aiida_mlip.setup.pseudos import DEFAULT_PSEUDO_DIRS, install_family, scan_upf_files, select_pseudos
 
     ensure_profile('bench', broker=None)
-    computer = ensure_localhost(workdir=str(root / 'scratch'))
+    localhost = ensure_localhost(workdir=str(root / 'scratch'))
+    computers = {'(a) mlip.labeling': localhost}
+    if args.compare_login_shell:
+        computers["(a') login shell"] = ensure_localhost('localhost-login-shell', workdir=str(root / 'scratch-login'))
+        computers["(a') login shell"].configure(safe_interval=0, use_login_shell=True)
     if args.poll_interval is not None:  # before the first engine.run, which creates the runner
         get_manager().get_profile().set_option('runner.poll.interval', args.poll_interval)
-        computer.set_minimum_job_poll_interval(args.poll_interval)
-    code = ensure_pw_code(computer)
+        for computer in computers.values():
+            computer.set_minimum_job_poll_interval(args.poll_interval)
+    if args.compare_poll_interval is not None:
+        variant = f"(a'') poll {args.compare_poll_interval:g} s"
+        computers[variant] = ensure_localhost('localhost-slow-poll', workdir=str(root / 'scratch-slow-poll'))
+        computers[variant].set_minimum_job_poll_interval(args.compare_poll_interval)
+    codes = {variant: ensure_pw_code(computer) for variant, computer in computers.items()}
     family, _ = install_family('PBE-bench', select_pseudos(
         scan_upf_files([d for d in DEFAULT_PSEUDO_DIRS if d.is_dir()]), 'PBE'), 'PBE')
+    polling = localhost.get_minimum_job_poll_interval(), get_manager().get_option('runner.poll.interval')
     print(f'pseudopotential: {family.get_pseudo("Si").filename}; pw.x serial, OMP_NUM_THREADS='
-          f'{os.environ["OMP_NUM_THREADS"]}, {os.cpu_count()} cores; polling every '
-          f'{computer.get_minimum_job_poll_interval()} s (runner: {get_manager().get_option("runner.poll.interval")} s)')
+          f'{os.environ["OMP_NUM_THREADS"]}, {os.cpu_count()} cores; polling every {polling[0]} s '
+          f'(runner: {polling[1]} s)')
     summary = []
     for (name, (atoms_count, cubic, rattle, ecutwfc, ecutrho, spacing)), count in zip(
             CASES.items(), (args.tiny, args.realistic, args.production)):
         if count <= 0:
             continue
         cells = structures(atoms_count, cubic, rattle, count)
-        aiida_runs, bare_runs = [], []  # per repetition: (wall s, CPU s, longest wall a pw.x reports for itself)
+        aiida_runs = {variant: [] for variant in codes}  # per repetition: (wall s, CPU s, shell CPU s, pw.x wall)
+        bare_runs = []
+        order = [*codes, '(b)']
         for repeat in range(args.repeat):
-            elapsed, cpu, node = run_labeling(code, family.label, cells, ecutwfc, ecutrho, spacing)
-            if not node.is_finished_ok:
-                raise RuntimeError(f'labeling failed: {node.exit_status} {node.exit_message}')
-            calculations = pw_calculations(node)
-            if len(calculations) != count:  # a PwBaseWorkChain restart would make the comparison unfair
-                raise RuntimeError(f'{len(calculations)} pw.x jobs for {count} structures: restarts happened')
-            own = max(calc.outputs.output_parameters['wall_time_seconds'] for calc in calculations)
-            aiida_runs.append((elapsed, cpu, own))
-            bare_runs.append(run_bare(calculations, root / 'bare' / str(repeat), find_pw_executable()))
-        (a, _, own_a), (b, _, own_b) = min(aiida_runs), min(bare_runs)
-        engine_cpu, pw_cpu = min(run[1] for run in aiida_runs), min(run[1] for run in bare_runs)
-        summary.append((name, count, a, b))
+            for variant in order if repeat % 2 == 0 else order[::-1]:
+                if variant == '(b)':
+                    bare_runs.append(run_bare(calculations, root / 'bare' / str(repeat), find_pw_executable()))
+                    continue
+                elapsed, cpu, shell_cpu, node = run_labeling(
+                    codes[variant], family.label, cells, ecutwfc, ecutrho, spacing)
+                if not node.is_finished_ok:
+                    raise RuntimeError(f'labeling failed: {node.exit_status} {node.exit_message}')
+                calculations = pw_calculations(node)
+                if len(calculations) != count:  # a PwBaseWorkChain restart would make the comparison unfair
+                    raise RuntimeError(f'{len(calculations)} pw.x jobs for {count} structures: restarts happened')
+                own = max(calc.outputs.output_parameters['wall_time_seconds'] for calc in calculations)
+                aiida_runs[variant].append((elapsed, cpu, shell_cpu, own))
+        b, _, own_b = min(bare_runs)
+        pw_cpu = min(run[1] for run in bare_runs)
         system = calculations[0].inputs.parameters['SYSTEM']
         print(f'{name}: {count} structures, ecutwfc/ecutrho {system["ecutwfc"]}/{system["ecutrho"]} Ry, '
               f'k-points {calculations[0].inputs.kpoints.get_kpoints_mesh()[0]}')
-        print(f'  (a) mlip.labeling  {a:8.2f} s   (runs {", ".join(f"{run[0]:.2f}" for run in aiida_runs)})')
-        print(f'  (b) bare pw.x      {b:8.2f} s   (runs {", ".join(f"{run[0]:.2f}" for run in bare_runs)})')
-        print(f'  a/b = {a / b:.3f}: overhead {100 * (a / b - 1):+.1f} % ({(a - b) / count:.2f} s per structure)')
-        print(f'  pw.x wall as pw.x reports it (longest job of the best run): (a) {own_a:.2f} s, (b) {own_b:.2f} s: '
-              f'the engine outside pw.x {a - own_a:.2f} s, bare {b - own_b:.2f} s')
-        print(f'  CPU: engine {engine_cpu:.2f} s ({engine_cpu / count:.2f} s per structure) vs pw.x '
-              f'{pw_cpu:.2f} s: {100 * engine_cpu / pw_cpu:.1f} % of the pw.x CPU time')
-    print('summary: ' + '; '.join(f'{name}: a/b {a / b:.3f}' for name, _, a, b in summary)
+        print(f'  {"(b) bare pw.x":22s} {b:8.2f} s   (runs {", ".join(f"{run[0]:.2f}" for run in bare_runs)}); '
+              f'pw.x reports {own_b:.2f} s for its longest job, CPU {pw_cpu:.2f} s')
+        for variant, runs in aiida_runs.items():
+            a, _, _, own_a = min(runs)
+            engine_cpu, shell_cpu = (min(run[index] for run in runs) for index in (1, 2))
+            summary.append((f'{name} {variant}', a / b))
+            print(f'  {variant:22s} {a:8.2f} s   (runs {", ".join(f"{run[0]:.2f}" for run in runs)})')
+            print(f'      a/b = {a / b:.3f}: overhead {100 * (a / b - 1):+.1f} % '
+                  f'({(a - b) / count:.2f} s per structure)')
+            print(f'      pw.x reports {own_a:.2f} s for its longest job ({100 * (own_a / own_b - 1):+.1f} % vs bare), '
+                  f'the engine outside pw.x {a - own_a:.2f} s')
+            print(f'      CPU: engine {engine_cpu:.2f} s + its shell commands {shell_cpu:.2f} s '
+                  f'({(engine_cpu + shell_cpu) / count:.2f} s per structure, '
+                  f'{100 * (engine_cpu + shell_cpu) / pw_cpu:.1f} % of the pw.x CPU time)')
+    print('summary: ' + '; '.join(f'{name}: a/b {ratio:.3f}' for name, ratio in summary)
           + ' (goal: overhead <= 10 % for realistic cells)')
     print(f'load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
     return 0
