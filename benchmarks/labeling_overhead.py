@@ -188,6 +188,7 @@ def _benchmark(args, root: pathlib.Path) -> int:
             for variant in order if repeat % 2 == 0 else order[::-1]:
                 if variant == '(b)':
                     bare_runs.append(run_bare(calculations, root / 'bare' / str(repeat), find_pw_executable()))
+                    print(f'  repetition {repeat + 1}: (b) {bare_runs[-1][0]:.2f} s', flush=True)
                     continue
                 elapsed, cpu, shell_cpu, node = run_labeling(
                     codes[variant], family.label, cells, ecutwfc, ecutrho, spacing)
@@ -198,6 +199,7 @@ def _benchmark(args, root: pathlib.Path) -> int:
                     raise RuntimeError(f'{len(calculations)} pw.x jobs for {count} structures: restarts happened')
                 own = max(calc.outputs.output_parameters['wall_time_seconds'] for calc in calculations)
                 aiida_runs[variant].append((elapsed, cpu, shell_cpu, own))
+                print(f'  repetition {repeat + 1}: {variant} {elapsed:.2f} s, pw.x {own:.2f} s', flush=True)
         b, _, own_b = min(bare_runs)
         pw_cpu = min(run[1] for run in bare_runs)
         system = calculations[0].inputs.parameters['SYSTEM']
