@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     parser.add_argument('--compare-poll-interval', type=float, default=None, metavar='SECONDS',
                         help="also run (a'') on a computer polled every SECONDS")
     parser.add_argument('--compare-login-shell', action='store_true',
-                        help='also run (a) on a computer whose commands run in a login shell (aiida-core default)')
+                        help="also run (a') on a computer whose commands run in a login shell (aiida-core's default)")
     parser.add_argument('--repeat', type=int, default=2, help='alternating repetitions of (a) and (b); best is shown')
     args = parser.parse_args(argv)
     with scratch_folder() as root:
