@@ -20,12 +20,14 @@ costs CPU for every second a job runs, on the cores pw.x runs on. Variants of (a
 ``--compare-poll-interval S`` adds (a'') on a second localhost computer polled every S seconds;
 ``--compare-login-shell`` adds (a') on one whose transport runs its commands in a login shell (``bash -l -c``,
 aiida-core's default, which ``aiida-mlip setup`` used before it set ``use_login_shell=False``): every scheduler
-poll then also reads the shell's profile files.
+poll then also reads the shell's profile files. ``--pin`` keeps the engine off the cores pw.x runs on, as on a
+cluster where the daemon runs on another node: this process (the engine) on the first CPU, every pw.x of (a), (a'),
+(a'') and (b) on the others (``taskset`` in the job script, CPU affinity of the bare processes).
 
 Runs in a throw-away SQLite profile under a temporary AIIDA_PATH (no services needed), pw.x serial:
 
     OMP_NUM_THREADS=1 python benchmarks/labeling_overhead.py [--tiny 4] [--realistic 2] [--production 0]
-        [--poll-interval 1] [--compare-poll-interval 5] [--compare-login-shell] [--repeat 2]
+        [--poll-interval 1] [--compare-poll-interval 5] [--compare-login-shell] [--pin] [--repeat 2]
 """
 from __future__ import annotations
 
@@ -83,6 +85,15 @@ def run_labeling(code, family: str, cells: dict, ecutwfc: float | None, ecutrho:
     return time.perf_counter() - start, time.process_time() - cpu, children_cpu_seconds() - shell_cpu, node
 
 
+def pin_engine() -> set:
+    """Pin this process (the engine: before it starts threads) to its first allowed CPU; the others, for pw.x."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit(f'--pin needs at least 2 CPUs, this process may use {cpus}')
+    os.sched_setaffinity(0, cpus[:1])
+    return set(cpus[1:])
+
+
 def children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -102,8 +113,9 @@ def pw_wall_seconds(stdout: str) -> float:
     return convert_qe_time_to_sec(re.search(r'PWSCF\s+:[\s\S]+CPU\s+([\s.\d|s|m|d|h]+)\sWALL', stdout).group(1))
 
 
-def run_bare(calculations, folder: pathlib.Path, executable: str) -> tuple[float, float, float]:
-    """(b): copy each job's aiida.in and pseudo/ to a fresh folder; start all pw.x at once, wait for the last.
+def run_bare(calculations, folder: pathlib.Path, executable: str, cpus: set | None) -> tuple[float, float, float]:
+    """(b): copy each job's aiida.in and pseudo/ to a fresh folder; start all pw.x at once (on ``cpus`` if given),
+    wait for the last.
 
     :returns: (wall seconds, pw.x CPU seconds, the longest wall time a pw.x reports for itself)
     """
@@ -120,8 +132,9 @@ def run_bare(calculations, folder: pathlib.Path, executable: str) -> tuple[float
     processes = []
     for target in folders:
         with open(target / 'aiida.out', 'w') as output:
-            processes.append(subprocess.Popen([executable, '-in', 'aiida.in'], cwd=target, stdout=output,
-                                              stderr=subprocess.STDOUT))
+            processes.append(subprocess.Popen(
+                [executable, '-in', 'aiida.in'], cwd=target, stdout=output, stderr=subprocess.STDOUT,
+                preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus)))
     codes = [process.wait() for process in processes]
     elapsed, cpu = time.perf_counter() - start, children_cpu_seconds() - cpu
     if any(codes) or not all('JOB DONE' in (target / 'aiida.out').read_text() for target in folders):
@@ -142,6 +155,8 @@ def main(argv=None) -> int:
                         help="also run (a'') on a computer polled every SECONDS")
     parser.add_argument('--compare-login-shell', action='store_true',
                         help="also run (a') on a computer whose commands run in a login shell (aiida-core's default)")
+    parser.add_argument('--pin', action='store_true',
+                        help='engine on the first CPU, pw.x on the others (the daemon off the compute cores)')
     parser.add_argument('--repeat', type=int, default=2, help='alternating repetitions of (a) and (b); best is shown')
     args = parser.parse_args(argv)
     with scratch_folder() as root:
@@ -154,6 +169,7 @@ def _benchmark(args, root: pathlib.Path) -> int:
     from aiida_mlip.setup.environment import ensure_localhost, ensure_profile, ensure_pw_code, find_pw_executable
     from aiida_mlip.setup.pseudos import DEFAULT_PSEUDO_DIRS, install_family, scan_upf_files, select_pseudos
 
+    pw_cpus = pin_engine() if args.pin else None
     ensure_profile('bench', broker=None)
     localhost = ensure_localhost(workdir=str(root / 'scratch'))
     computers = {'(a) mlip.labeling': localhost}
@@ -168,13 +184,19 @@ def _benchmark(args, root: pathlib.Path) -> int:
         variant = f"(a'') poll {args.compare_poll_interval:g} s"
         computers[variant] = ensure_localhost('localhost-slow-poll', workdir=str(root / 'scratch-slow-poll'))
         computers[variant].set_minimum_job_poll_interval(args.compare_poll_interval)
+    if pw_cpus is not None:
+        for computer in computers.values():  # the job script moves itself, hence pw.x, onto the pw.x CPUs
+            cpu_list = ','.join(map(str, sorted(pw_cpus)))
+            computer.set_prepend_text(f'{computer.get_prepend_text()}\ntaskset -pc {cpu_list} $$ > /dev/null')
     codes = {variant: ensure_pw_code(computer) for variant, computer in computers.items()}
     family, _ = install_family('PBE-bench', select_pseudos(
         scan_upf_files([d for d in DEFAULT_PSEUDO_DIRS if d.is_dir()]), 'PBE'), 'PBE')
     polling = localhost.get_minimum_job_poll_interval(), get_manager().get_option('runner.poll.interval')
     print(f'pseudopotential: {family.get_pseudo("Si").filename}; pw.x serial, OMP_NUM_THREADS='
           f'{os.environ["OMP_NUM_THREADS"]}, {os.cpu_count()} cores; polling every {polling[0]} s '
-          f'(runner: {polling[1]} s)')
+          f'(runner: {polling[1]} s)' + ('' if pw_cpus is None else
+                                          f'; engine pinned to CPU {sorted(os.sched_getaffinity(0))}, '
+                                          f'pw.x to CPUs {sorted(pw_cpus)}'))
     summary = []
     for (name, (atoms_count, cubic, rattle, ecutwfc, ecutrho, spacing)), count in zip(
             CASES.items(), (args.tiny, args.realistic, args.production)):
@@ -187,7 +209,8 @@ def _benchmark(args, root: pathlib.Path) -> int:
         for repeat in range(args.repeat):
             for variant in order if repeat % 2 == 0 else order[::-1]:
                 if variant == '(b)':
-                    bare_runs.append(run_bare(calculations, root / 'bare' / str(repeat), find_pw_executable()))
+                    bare_runs.append(run_bare(calculations, root / 'bare' / str(repeat), find_pw_executable(),
+                                               pw_cpus))
                     print(f'  repetition {repeat + 1}: (b) {bare_runs[-1][0]:.2f} s', flush=True)
                     continue
                 elapsed, cpu, shell_cpu, node = run_labeling(

@@ -17,6 +17,31 @@ TEST_PW_OVERRIDES = {
 TEST_FAMILY = 'PBE-test'
 
 
+#: Test modules sharing the costly session fixtures of fixtures_mlip.py (a trained committee, a validation, a
+#: fine-tuning): under pytest-xdist one worker runs them all, so each of those fixtures is computed once.
+SHARED_MODEL_MODULES = {'test_report', 'test_validation', 'test_training', 'test_finetune', 'test_query'}
+#: The longest groups (minutes each, `--durations`), sent to the workers first so that the workers end together.
+LONGEST_GROUPS = ('test_production', 'shared_models', 'test_campaign', 'test_transferability', 'test_active_learning')
+
+
+def xdist_group(item) -> str:
+    module = item.module.__name__.rsplit('.', 1)[-1]
+    return 'shared_models' if module in SHARED_MODEL_MODULES else item.module.__name__.removeprefix('tests.')
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep each module's tests in one pytest-xdist worker (`--dist loadgroup`, scripts/test.sh), so module
+    fixtures run once, and put the longest groups first."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+
+    def rank(item):
+        group = xdist_group(item)
+        return LONGEST_GROUPS.index(group) if group in LONGEST_GROUPS else len(LONGEST_GROUPS)
+
+    items.sort(key=rank)  # stable: the order inside a group is kept
+
+
 def pw_available() -> bool:
     return shutil.which('pw.x') is not None
 
@@ -33,7 +58,10 @@ def require_pw():
 def localhost(aiida_profile):
     from aiida_mlip.setup.environment import ensure_localhost
 
-    return ensure_localhost()
+    computer = ensure_localhost()
+    # Test jobs last a second or less: poll at aiida-core's core.local default instead of our production 1 s.
+    computer.set_minimum_job_poll_interval(0.1)
+    return computer
 
 
 @pytest.fixture(scope='session')

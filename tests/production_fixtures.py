@@ -330,6 +330,9 @@ def action_frames(pk: str) -> dict:
                                        if any(c['state'] == 'finished' and not c['remote_folder'] for c in calcs)),
             'dropped': sorted(labeling.outputs.quality_report['dropped']) if 'quality_report' in labeling.outputs
             else None,
+            'salvaged': sorted(key for key, warnings in labeling.outputs.quality_report['warnings'].items()
+                               if any('remote_folder output is missing' in warning for warning in warnings))
+            if 'quality_report' in labeling.outputs else None,
             'n_frames': dataset.n_frames if dataset else 0,
             'energies': [frame.info['REF_energy'] for frame in dataset.to_ase()] if dataset else []}
 

@@ -230,3 +230,10 @@ def test_one_iteration_without_final_retrain_keeps_the_seed_committee(one_iterat
         assert train.creator.inputs.dataset.uuid == si_dataset.uuid
         assert set(si_dataset.source_uuids) <= pw_ancestors(model)
     assert results['iterations']['iteration_1']['retrained'] is False
+
+
+def test_report_of_the_iteration(one_iteration, tmp_path):
+    from .test_report import check_report_of
+
+    check_report_of(one_iteration[1], tmp_path, {'Summary', 'Test-set errors', 'Parity plots and error histograms',
+                                                 'Learning curves', 'Provenance'})

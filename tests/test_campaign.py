@@ -118,6 +118,12 @@ def test_summary_counts_and_reports(campaign_run):
         assert line in reports, reports
 
 
+def test_report_of_the_campaign(campaign_run, tmp_path):
+    from .test_report import check_report_of
+
+    check_report_of(campaign_run[1], tmp_path, {'Summary', 'Learning curves', 'Validation against DFT', 'Provenance'})
+
+
 def test_finetune_mode_builds_a_naive_finetuning_of_a_covering_foundation(pw_code, pseudo_family, mlip_codes,  # noqa: F811
                                                                            untrained_si_ge, tmp_path):
     from aiida_mlip.campaigns.schema import CampaignError

@@ -94,6 +94,53 @@ def test_every_frame_points_to_its_pw_calculation(labeled):
     assert fingerprint['functional'] == 'PBE' and set(fingerprint['pseudos']) == {'Si'}
 
 
+def pw_base_without_remote_folder(real_pw_base, workchain_exit=11, calculation_exit=0, remote_folder=False):
+    """The state aiida-core 2.9 leaves after a worker is killed around an upload (labeled_outputs' docstring): a
+    PwBaseWorkChain failed with ``workchain_exit`` that called a PwCalculation finished with ``calculation_exit``
+    holding copies of a real run's labels, with or without ``remote_folder``."""
+    from aiida.common.links import LinkType
+    from aiida.engine import ProcessState
+
+    real = [called for called in real_pw_base.called if isinstance(called, orm.CalcJobNode)][-1]
+    workchain = orm.WorkChainNode(process_type=real_pw_base.process_type)
+    workchain.set_process_state(ProcessState.FINISHED)
+    workchain.set_exit_status(workchain_exit)
+    workchain.store()
+    calculation = orm.CalcJobNode(computer=real.computer, process_type=real.process_type)
+    calculation.base.links.add_incoming(workchain, LinkType.CALL_CALC, 'iteration_01')
+    calculation.set_process_state(ProcessState.FINISHED)
+    calculation.set_exit_status(calculation_exit)
+    calculation.store()
+    labels = ['output_parameters', 'output_trajectory'] + (['remote_folder'] if remote_folder else [])
+    for label in labels:
+        output = real.outputs[label].clone()
+        output.base.links.add_incoming(calculation, LinkType.CREATE, label)
+        output.store()
+    return workchain, calculation
+
+
+def test_labels_of_a_calculation_that_lost_its_remote_folder_are_kept(labeled):
+    from aiida_mlip.workflows.labeling import labeled_outputs
+
+    _, node = labeled
+    pw_bases = {link.link_label.removeprefix('label_'): link.node for link in node.base.links.get_outgoing().all()
+                if link.link_label.startswith('label_')}
+    outputs, warnings = labeled_outputs(pw_bases['si2'])
+    assert outputs.output_parameters.uuid == pw_bases['si2'].outputs.output_parameters.uuid and warnings == []
+    assert labeled_outputs(pw_bases['si2_broken']) == (None, [])  # a real failure stays a failure
+
+    for calculation_exit in (0, 11):
+        workchain, calculation = pw_base_without_remote_folder(pw_bases['si2'], calculation_exit=calculation_exit)
+        outputs, warnings = labeled_outputs(workchain)
+        assert outputs.output_parameters.uuid == calculation.outputs.output_parameters.uuid
+        assert outputs.output_parameters['energy'] == pw_bases['si2'].outputs.output_parameters['energy']
+        assert f'PwCalculation<{calculation.pk}>' in warnings[0] and 'remote_folder' in warnings[0]
+    # Only that gap is salvaged: another exit status of either, or a remote_folder present, is a failure.
+    for case in ({'workchain_exit': 300}, {'calculation_exit': 305}, {'remote_folder': True}):
+        workchain, _ = pw_base_without_remote_folder(pw_bases['si2'], **case)
+        assert labeled_outputs(workchain) == (None, []), case
+
+
 def test_extxyz_export_is_read_by_mace(labeled, tmp_path):
     from mace.data.utils import KeySpecification, load_from_xyz
 

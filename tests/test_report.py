@@ -272,20 +272,9 @@ def test_finetune_report(aiida_profile, finetuned, tmp_path):  # noqa: F811
           f'{sum(p.stat().st_size for p in index.parent.iterdir())} bytes')
 
 
-@pytest.mark.parametrize('process_type, sections', [
-    ('aiida.workflows:mlip.active_learning', {'Summary', 'Test-set errors', 'Parity plots and error histograms',
-                                              'Learning curves', 'Provenance'}),
-    ('aiida.workflows:mlip.campaign', {'Summary', 'Learning curves', 'Validation against DFT', 'Provenance'}),
-])
-def test_report_of_workflows_run_earlier_in_this_session(aiida_profile, tmp_path, process_type, sections):
-    """The ActiveLearning and Campaign nodes of test_active_learning.py and test_campaign.py (module fixtures that
-    run before this module in the full suite): reported without new compute."""
-    query = orm.QueryBuilder().append(orm.WorkChainNode, filters={
-        'process_type': process_type, 'attributes.exit_status': 0}, project='*')
-    nodes = query.all(flat=True)
-    if not nodes:
-        pytest.skip(f'no finished {process_type} node in this session (run with its test module first)')
-    node = max(nodes, key=lambda n: n.pk)
+def check_report_of(node, tmp_path, sections: set) -> None:
+    """The report of a finished workflow that another module's fixture ran (test_active_learning.py,
+    test_campaign.py): made without new compute, with ``sections`` and the stage sections its outputs call for."""
     start = time.perf_counter()
     index = write_report(node, tmp_path / 'report')
     seconds = time.perf_counter() - start
@@ -296,5 +285,5 @@ def test_report_of_workflows_run_earlier_in_this_session(aiida_profile, tmp_path
         assert {'Test-set errors', 'Parity plots and error histograms'} <= titles
     if 'transferability' in node.outputs:  # a campaign with its transferability stage
         assert 'Transferability' in titles
-    print(f'\n{process_type} report: {seconds:.1f} s, {len(shown["sources"])} figures, '
+    print(f'\n{node.process_label} report: {seconds:.1f} s, {len(shown["sources"])} figures, '
           f'{sum(p.stat().st_size for p in index.parent.iterdir())} bytes')

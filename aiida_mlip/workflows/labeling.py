@@ -31,6 +31,32 @@ ALLOWED_PW_OVERRIDES = {'parameters', 'metadata'}
 ALLOWED_PARAMETER_SECTIONS = {'ELECTRONS'}
 
 
+def labeled_outputs(node) -> tuple[object | None, list[str]]:
+    """The outputs holding the labels of one PwBaseWorkChain (None if it has none), and a warning if salvaged.
+
+    aiida-core 2.9 gap: a daemon worker killed between a CalcJob's upload and its next checkpoint leaves the job
+    marked as uploaded but its ``remote_folder`` output unlinked; the resumed job skips the upload, runs pw.x and
+    is parsed, and its PwBaseWorkChain fails with exit status 11 (missing output). The labels are there: take them
+    from that PwCalculation instead of running pw.x again.
+    """
+    if node.is_finished_ok:
+        return node.outputs, []
+    missing_output = PwBaseWorkChain.exit_codes.ERROR_MISSING_OUTPUT.status
+    if node.exit_status != missing_output:
+        return None, []
+    calculations = sorted((called for called in node.called if isinstance(called, orm.CalcJobNode)),
+                          key=lambda called: called.ctime)
+    if not calculations:
+        return None, []
+    calculation = calculations[-1]
+    outputs = calculation.outputs
+    if calculation.exit_status not in (0, missing_output) or 'remote_folder' in outputs \
+            or 'output_parameters' not in outputs or 'output_trajectory' not in outputs:
+        return None, []
+    return outputs, [f'labels taken from PwCalculation<{calculation.pk}> (exit status {calculation.exit_status}): '
+                     f'its remote_folder output is missing, so PwBaseWorkChain<{node.pk}> failed with exit status 11']
+
+
 def load_pseudo_family(label: str):
     """The pseudo family group ``label``, or a ValueError that lists what is installed."""
     from aiida.common.exceptions import NotExistent
@@ -282,16 +308,16 @@ class DftLabelingWorkChain(ProtocolMixin, WorkChain):
             futures[frame_link_prefix(index)] = node
         return ToContext(**futures)
 
-    def _frame_problem(self, node) -> tuple[str | None, list[str]]:
-        """(reason to drop, warnings) for one finished PwBaseWorkChain."""
-        if not node.is_finished_ok:
+    def _frame_problem(self, node, outputs) -> tuple[str | None, list[str]]:
+        """(reason to drop, warnings) for one finished PwBaseWorkChain, whose labels are ``outputs``."""
+        if outputs is None:
             return f'PwBaseWorkChain<{node.pk}> failed with exit status {node.exit_status}: {node.exit_message}', []
-        if 'output_parameters' not in node.outputs or 'output_trajectory' not in node.outputs:
+        if 'output_parameters' not in outputs or 'output_trajectory' not in outputs:
             return f'PwBaseWorkChain<{node.pk}> returned no energy or trajectory', []
-        energy = node.outputs.output_parameters.get('energy')
+        energy = outputs.output_parameters.get('energy')
         if energy is None or not np.isfinite(energy):
             return f'non-finite or missing energy ({energy})', []
-        trajectory = node.outputs.output_trajectory
+        trajectory = outputs.output_trajectory
         if 'forces' not in trajectory.get_arraynames():
             return 'no forces in the output (tprnfor off?)', []
         forces = trajectory.get_array('forces')[-1]
@@ -311,11 +337,13 @@ class DftLabelingWorkChain(ProtocolMixin, WorkChain):
         self.ctx.accepted, dropped, warnings, failed_elements = [], {}, {}, []
         for index, frame in enumerate(self.ctx.frames):
             node = self.ctx[frame_link_prefix(index)]
-            reason, frame_warnings = self._frame_problem(node)
+            outputs, salvage_warnings = labeled_outputs(node)
+            reason, frame_warnings = self._frame_problem(node, outputs)
+            frame_warnings = salvage_warnings + frame_warnings
             if frame_warnings:
                 warnings[frame['key']] = frame_warnings
             if reason is None:
-                self.ctx.accepted.append((index, frame, node))
+                self.ctx.accepted.append((index, frame, outputs))
                 continue
             dropped[frame['key']] = reason
             self.report(f'dropped `{frame["key"]}`: {reason}')
@@ -365,11 +393,11 @@ class DftLabelingWorkChain(ProtocolMixin, WorkChain):
         if not self.ctx.accepted:
             return self.exit_codes.ERROR_NO_FRAME_LABELED
         frames = {}
-        for position, (_, frame, node) in enumerate(self.ctx.accepted):
+        for position, (_, frame, outputs) in enumerate(self.ctx.accepted):
             prefix = frame_link_prefix(position)
             frames[f'{prefix}_structure'] = frame['structure']
-            frames[f'{prefix}_parameters'] = node.outputs.output_parameters
-            frames[f'{prefix}_trajectory'] = node.outputs.output_trajectory
+            frames[f'{prefix}_parameters'] = outputs.output_parameters
+            frames[f'{prefix}_trajectory'] = outputs.output_trajectory
         settings = orm.Dict({
             'config_types': [frame['config_type'] for _, frame, _ in self.ctx.accepted],
             'fingerprint': self._fingerprint(),
