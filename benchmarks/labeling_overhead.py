@@ -22,12 +22,15 @@ costs CPU for every second a job runs, on the cores pw.x runs on. Variants of (a
 aiida-core's default, which ``aiida-mlip setup`` used before it set ``use_login_shell=False``): every scheduler
 poll then also reads the shell's profile files. ``--pin`` keeps the engine off the cores pw.x runs on, as on a
 cluster where the daemon runs on another node: this process (the engine) on the first CPU, every pw.x of (a), (a'),
-(a'') and (b) on the others (``taskset`` in the job script, CPU affinity of the bare processes).
+(a'') and (b) on the others (``taskset`` in the job script, CPU affinity of the bare processes). ``--timeline``
+prints when each step of one structure's chain happened (node times, pw.x's own start and end): where the engine's
+fixed cost per job goes.
 
 Runs in a throw-away SQLite profile under a temporary AIIDA_PATH (no services needed), pw.x serial:
 
     OMP_NUM_THREADS=1 python benchmarks/labeling_overhead.py [--tiny 4] [--realistic 2] [--production 0]
-        [--poll-interval 1] [--compare-poll-interval 5] [--compare-login-shell] [--pin] [--repeat 2]
+        [--poll-interval 1] [--compare-poll-interval 5] [--compare-login-shell] [--pin] [--timeline]
+        [--repeat 2]
 """
 from __future__ import annotations
 
@@ -106,6 +109,26 @@ def pw_calculations(node) -> list:
             if isinstance(calc, orm.CalcJobNode) and calc.process_type.endswith('quantumespresso.pw')]
 
 
+def timeline(node) -> list[tuple[str, float]]:
+    """Seconds from the start of labeling ``node`` to each step of its first structure: node creation and storage
+    times, and pw.x's own start and end (its output file's time, less the wall time it reports)."""
+    import datetime
+
+    calc = sorted(pw_calculations(node), key=lambda calc: calc.ctime)[0]
+    output = pathlib.Path(calc.outputs.remote_folder.get_remote_path()) / 'aiida.out'
+    pw_end = datetime.datetime.fromtimestamp(output.stat().st_mtime, tz=datetime.timezone.utc)
+    pw_start = pw_end - datetime.timedelta(seconds=calc.outputs.output_parameters['wall_time_seconds'])
+    events = [
+        ('PwBaseWorkChain created', calc.caller.ctime), ('PwCalculation created', calc.ctime),
+        ('uploaded (remote_folder stored)', calc.outputs.remote_folder.ctime), ('pw.x starts', pw_start),
+        ('pw.x ends', pw_end), ('retrieved stored', calc.outputs.retrieved.ctime),
+        ('parsed (output_parameters stored)', calc.outputs.output_parameters.ctime),
+        ('PwBaseWorkChain ends', calc.caller.mtime), ('dataset stored', node.outputs.dataset.ctime),
+        ('labeling ends', node.mtime),
+    ]
+    return [(label, (time - node.ctime).total_seconds()) for label, time in events]
+
+
 def pw_wall_seconds(stdout: str) -> float:
     """The wall time pw.x reports for itself (``PWSCF : ... CPU ... WALL``), parsed as aiida-quantumespresso does."""
     from aiida_quantumespresso.parsers.parse_raw.base import convert_qe_time_to_sec
@@ -157,6 +180,8 @@ def main(argv=None) -> int:
                         help="also run (a') on a computer whose commands run in a login shell (aiida-core's default)")
     parser.add_argument('--pin', action='store_true',
                         help='engine on the first CPU, pw.x on the others (the daemon off the compute cores)')
+    parser.add_argument('--timeline', action='store_true',
+                        help='print when each step of the first structure happened in the last run of each (a)')
     parser.add_argument('--repeat', type=int, default=2, help='alternating repetitions of (a) and (b); best is shown')
     args = parser.parse_args(argv)
     with scratch_folder() as root:
@@ -204,7 +229,7 @@ def _benchmark(args, root: pathlib.Path) -> int:
             continue
         cells = structures(atoms_count, cubic, rattle, count)
         aiida_runs = {variant: [] for variant in codes}  # per repetition: (wall s, CPU s, shell CPU s, pw.x wall)
-        bare_runs = []
+        bare_runs, last_labeling = [], {}
         order = [*codes, '(b)']
         for repeat in range(args.repeat):
             for variant in order if repeat % 2 == 0 else order[::-1]:
@@ -222,6 +247,7 @@ def _benchmark(args, root: pathlib.Path) -> int:
                     raise RuntimeError(f'{len(calculations)} pw.x jobs for {count} structures: restarts happened')
                 own = max(calc.outputs.output_parameters['wall_time_seconds'] for calc in calculations)
                 aiida_runs[variant].append((elapsed, cpu, shell_cpu, own))
+                last_labeling[variant] = node
                 print(f'  repetition {repeat + 1}: {variant} {elapsed:.2f} s, pw.x {own:.2f} s', flush=True)
         b, _, own_b = min(bare_runs)
         pw_cpu = min(run[1] for run in bare_runs)
@@ -242,6 +268,9 @@ def _benchmark(args, root: pathlib.Path) -> int:
             print(f'      CPU: engine {engine_cpu:.2f} s + its shell commands {shell_cpu:.2f} s '
                   f'({(engine_cpu + shell_cpu) / count:.2f} s per structure, '
                   f'{100 * (engine_cpu + shell_cpu) / pw_cpu:.1f} % of the pw.x CPU time)')
+            if args.timeline:
+                print('      timeline of its first structure (s from the labeling start): ' + ', '.join(
+                    f'{label} {seconds:.2f}' for label, seconds in timeline(last_labeling[variant])))
     print('summary: ' + '; '.join(f'{name}: a/b {ratio:.3f}' for name, ratio in summary)
           + ' (goal: overhead <= 10 % for realistic cells)')
     print(f'load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
