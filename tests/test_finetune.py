@@ -14,7 +14,8 @@ from aiida.common.links import LinkType
 
 from aiida_mlip.data.dataset import TrainingSet
 from aiida_mlip.data.model import MlipModel
-from aiida_mlip.workflows.finetune import failed_sections, next_sampling, select_md_frames
+from aiida_mlip.analysis.refinement import failed_sections
+from aiida_mlip.workflows.finetune import next_sampling, select_md_frames
 
 from .conftest import count_calcjobs
 from .fixtures_mlip import (  # noqa: F401  (fixtures)

@@ -28,6 +28,7 @@ from aiida.common import AttributeDict
 from aiida.engine import ToContext, WorkChain, calcfunction, if_, while_
 from aiida.plugins import CalculationFactory
 
+from aiida_mlip.analysis.refinement import failed_sections
 from aiida_mlip.analysis.selection import atoms_descriptors, farthest_point_sampling
 from aiida_mlip.calculations.datasets import merge_datasets, split_indices
 from aiida_mlip.calculations.md import md_parameters_problem
@@ -66,11 +67,6 @@ MAX_VOLUME_STRAIN = 0.3
 
 
 # ---- pure helpers (no AiiDA) ----------------------------------------------------------------------------------
-def failed_sections(verdict: dict) -> list[str]:
-    """Property sections (eos, elastic, phonons, md_stability) with at least one failed check."""
-    return sorted({key.split('.', 1)[0] for key, passed in (verdict.get('checks') or {}).items() if not passed})
-
-
 def next_sampling(failed: list[str], volumes: list[float], temperatures: list[float], frames_per_volume: int):
     """Sampling of the next iteration, from the sections the validation failed. The rule:
 
