@@ -72,7 +72,7 @@ def test_shipped_campaign_files_are_valid(path):
     (lambda d: d.update(dft={'protocol': 'quick'}),
      ['camp.yaml:dft.protocol: `quick` is not one of fast, balanced, stringent']),
     (lambda d: d['validation'].update(protocol='fats'), ['camp.yaml:validation.protocol: `fats` is not one of '
-                                                         'fast, balanced, stringent; did you mean `fast`?']),
+                                                         'fast, balanced, stringent, accurate; did you mean `fast`?']),
     (lambda d: d['validation'].update(properties=['eos', 'phonon']),
      ['camp.yaml:validation.properties[1]: `phonon` is not one of eos, elastic, phonons, md_stability; '
       'did you mean `phonons`?']),

@@ -147,3 +147,18 @@ def test_sampling_is_seeded_and_exact():
     assert len(atom) == 1 and np.allclose(atom.cell.lengths(), 10.0)
     with pytest.raises(ValueError, match='too small'):
         isolated_atom(orm.Str('Si'), orm.Float(3.0))
+
+
+def test_split_warnings_name_tiny_splits_and_splits_without_forces():
+    from aiida_mlip.workflows.training import split_warnings
+
+    good = TrainingSet.from_ase(frames(4, ['rattle'] * 4), fingerprint=FINGERPRINT)
+    assert split_warnings('test', good.get_arrays()) == []
+    tiny = TrainingSet.from_ase(frames(2, ['rattle'] * 2), fingerprint=FINGERPRINT)
+    assert [w.split(':')[0] for w in split_warnings('valid', tiny.get_arrays())] == [
+        'the valid split has 2 frame(s) (< 3)']
+    still = frames(3, ['volume'] * 3)
+    for atoms in still:
+        atoms.arrays['REF_forces'][:] = 0.0
+    warnings = split_warnings('test', TrainingSet.from_ase(still, fingerprint=FINGERPRINT).get_arrays())
+    assert len(warnings) == 1 and 'no frame with non-zero forces' in warnings[0]

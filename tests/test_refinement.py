@@ -112,3 +112,15 @@ def test_bad_inputs_are_refused_before_anything_runs(seed_dataset, pw_code, mlip
     builder = refinement_builder(seed_dataset, diamond(), pw_code, mlip_codes, TRIVIAL, max_new_labels=0)
     with pytest.raises(ValueError, match='max_new_labels'):
         engine.run(builder)
+
+
+def test_report_plots_each_validation_error_against_the_dft_labels(refined, tmp_path):
+    from aiida_mlip.report.html import write_report
+
+    _, node = refined
+    index = write_report(node, tmp_path)
+    html = index.read_text(encoding='utf-8')
+    assert '<section id="refinement"><h2>Refinement</h2>' in html
+    assert 'validation errors against DFT labels' in html and 'max_new_labels (3) spent' in html
+    figures = sorted(path.name for path in tmp_path.glob('*refinement*.png'))
+    assert len(figures) == 1 and (tmp_path / figures[0]).stat().st_size > 1000

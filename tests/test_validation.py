@@ -68,3 +68,60 @@ def test_validation_without_dft_or_reference_is_refused(mlip_codes, trained, si2
     builder = validation_builder(mlip_codes, trained[0]['model'], si2_structure)
     with pytest.raises(ValueError, match='no DFT engine'):
         engine.run(builder)
+
+
+@pytest.mark.parametrize('thresholds, message', [
+    ({'cij_error_pct': 10.0}, "unknown thresholds ['cij_error_pct']; the known ones are v0_error_percent"),
+    ({'phonon_mae_thz': 'small'}, "threshold `phonon_mae_thz` must be a finite number, got 'small'"),
+    ({'md_drift_mev_per_atom_ps': True}, 'threshold `md_drift_mev_per_atom_ps` must be a finite number'),
+    ({'cij_error_percent': -10.0}, 'threshold `cij_error_percent` must not be negative'),
+    ({'dos_spearman': 1.5}, 'threshold `dos_spearman` is a rank correlation and must be in [-1, 1], got 1.5'),
+])
+def test_bad_thresholds_are_refused_before_anything_runs(mlip_codes, si2_structure, tmp_path, thresholds,  # noqa: F811
+                                                         message):
+    """The `accurate` protocol builds; a bad threshold is refused with its reason, by the builder and by the run."""
+    from aiida_mlip.data.model import MlipModel
+    from aiida_mlip.workflows.validation import ValidationWorkChain
+
+    from .fixtures_mlip import write_untrained_mace
+
+    model = MlipModel.from_file(write_untrained_mace(tmp_path / 'si.model'), label='untrained-si').store()
+    builder = ValidationWorkChain.get_builder_from_protocol(
+        mlip_codes['evaluate'], model, si2_structure, protocol='accurate', md_code=mlip_codes['md'])
+    assert builder.thresholds['cij_error_percent'] == 10.0 and builder.thresholds['v0_error_percent'] == 0.5
+    assert builder.md_stability.temperatures.get_list() == [900]
+    assert builder.md_stability.nve_steps.value == 200
+    bad = orm.Dict({**builder.thresholds.get_dict(), **thresholds})
+    with pytest.raises(ValueError) as info:
+        builder.thresholds = bad
+    assert message in str(info.value)
+    processes = orm.QueryBuilder().append(orm.ProcessNode).count()
+    with pytest.raises(ValueError) as info:
+        engine.run(ValidationWorkChain, **{**builder, 'thresholds': bad})
+    assert message in str(info.value)
+    assert orm.QueryBuilder().append(orm.ProcessNode).count() == processes
+
+
+def test_comparison_judges_cij_and_md_drift_and_stores_a_nan_error_as_a_failure(aiida_profile):
+    """compare_properties on hand-made outputs: per-constant checks, the NVE drift, an undefined modulus."""
+    from aiida_mlip.workflows.validation import compare_properties
+
+    def elastic(c11, c12, c44, bulk):
+        tensor = np.zeros((6, 6))
+        tensor[:3, :3] = c12
+        np.fill_diagonal(tensor[:3, :3], c11)
+        np.fill_diagonal(tensor[3:, 3:], c44)
+        return orm.Dict({'elastic_tensor_gpa': tensor.tolist(), 'born_stable': True, 'bulk_modulus_vrh_gpa': bulk,
+                         'shear_modulus_vrh_gpa': 40.0, 'constants_gpa': {'C11': c11, 'C12': c12, 'C44': c44}})
+
+    comparison = compare_properties(
+        orm.Dict({'cij_error_percent': 10.0, 'elastic_error_percent': 50.0, 'md_drift_mev_per_atom_ps': 1.0}),
+        orm.Dict(), mlip_elastic=elastic(105.0, 50.0, 35.0, None), dft_elastic=elastic(100.0, 50.0, 40.0, 66.7),
+        mlip_md_stability=orm.Dict({'stable': True, 'reasons': [], 'drift_mev_per_atom_per_ps': -1.5})).get_dict()
+    assert comparison['elastic']['cij_error_percent'] == pytest.approx({'C11': 5.0, 'C12': 0.0, 'C44': -12.5})
+    assert comparison['elastic']['bulk_modulus_error_percent'] is None  # NaN, not storable: stored as None
+    assert comparison['md_stability']['drift_mev_per_atom_ps'] == -1.5
+    checks = comparison['verdict']['checks']
+    assert {name for name, passed in checks.items() if not passed} == {
+        'elastic.cij_error_percent.C44', 'elastic.bulk_modulus_error_percent', 'md_stability.drift_mev_per_atom_ps'}
+    assert checks['elastic.cij_error_percent.C11'] and checks['md_stability.unstable']

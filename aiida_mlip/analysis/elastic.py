@@ -31,6 +31,7 @@ import numpy as np
 __all__ = [
     'born_stability',
     'compare_elastic',
+    'every_atom_at_inversion_centre',
     'fit_elastic_tensor',
     'strain_to_voigt',
     'stress_to_voigt',
@@ -350,3 +351,28 @@ def compare_elastic(C_model, C_ref) -> dict:
         'mae_gpa': float(abs_error[upper].mean()),
         'mae_principal_gpa': float(np.mean([abs_error[i, j] for i, j in _PRINCIPAL])),
     }
+
+
+def every_atom_at_inversion_centre(cell, scaled_positions, numbers, symprec: float = 1e-3) -> bool:
+    """True if each atom is an inversion centre of the crystal: then no internal relaxation under strain.
+
+    An inversion (rotation -I) through an atom maps the strained crystal onto itself, so the force on that atom,
+    odd under inversion, vanishes for any homogeneous strain (fcc, bcc, rocksalt). Diamond (inversion centres at
+    the bond midpoints), hcp and zincblende (no inversion) relax internally under shear.
+    """
+    import spglib
+
+    cell = np.asarray(cell, dtype=float)
+    positions = np.asarray(scaled_positions, dtype=float)
+    dataset = spglib.get_symmetry_dataset((cell, positions, np.asarray(numbers)), symprec=symprec)
+    if dataset is None:
+        raise ValueError(f'spglib could not determine the symmetry (symprec {symprec} Å)')
+    inversions = [translation for rotation, translation in zip(dataset.rotations, dataset.translations)
+                  if np.array_equal(rotation, -np.eye(3, dtype=int))]
+
+    def fixed_by(translation, position) -> bool:
+        shift = -position + translation - position
+        shift -= np.round(shift)
+        return float(np.linalg.norm(shift @ cell)) < symprec
+
+    return all(any(fixed_by(translation, position) for translation in inversions) for position in positions)

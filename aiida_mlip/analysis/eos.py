@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ['EV_PER_A3_TO_GPA', 'birch_murnaghan_energy', 'fit_birch_murnaghan']
+__all__ = ['EV_PER_A3_TO_GPA', 'birch_murnaghan_energy', 'conventional_lattice_at_volume', 'fit_birch_murnaghan',
+           'minimum_near_edge']
 
 #: Conversion factor from eV/Å³ to GPa (1.602176634e-19 J / 1e-30 m³ = 1.602176634e11 Pa).
 EV_PER_A3_TO_GPA = 160.2176634
@@ -131,3 +132,33 @@ def suggest_scan_centre(volumes, energies) -> float:
     if a > 0:
         return float(-b / (2.0 * a))
     return float(vol[np.argmin(ene)])
+
+
+def minimum_near_edge(volumes, v0) -> bool:
+    """True if ``v0`` lies in the outermost interval of the scan at either end.
+
+    There the fit is constrained by one point on that side only: V0 and, more, B0 lean on the functional form
+    rather than on data, so the scan should be centred on V0 (e.g. a validation on an unrelaxed cell).
+    """
+    vol = np.sort(np.asarray(volumes, dtype=float).ravel())
+    if vol.size < 3:
+        raise ValueError(f'need at least 3 volumes, got {vol.size}')
+    return bool(v0 < vol[1] or v0 > vol[-2])
+
+
+def conventional_lattice_at_volume(cell, scaled_positions, numbers, v0_per_atom: float,
+                                   symprec: float = 1e-3) -> dict:
+    """Lattice parameters a, b, c (Å) of the conventional standard cell (spglib) scaled isotropically to V0.
+
+    The EOS scans volumes isotropically, so the equilibrium lattice is the scanned cell's shape at V0: e.g. the
+    cubic lattice constant a0 of diamond Si from a 2-atom primitive cell.
+    """
+    import spglib
+
+    lattice, positions, _ = spglib.standardize_cell(
+        (np.asarray(cell, dtype=float), np.asarray(scaled_positions, dtype=float), np.asarray(numbers)),
+        to_primitive=False, symprec=symprec)
+    volume = abs(float(np.linalg.det(lattice)))
+    factor = (v0_per_atom * len(positions) / volume) ** (1.0 / 3.0)
+    a, b, c = (float(length) * factor for length in np.linalg.norm(lattice, axis=1))
+    return {'a': a, 'b': b, 'c': c}

@@ -30,6 +30,17 @@ def campaign_cutoffs(campaign: dict) -> tuple[float, float]:
     return family.get_recommended_cutoffs(elements=tuple(campaign['elements']), unit='Ry')
 
 
+def refinement_inputs(settings: dict) -> dict:
+    """RefinementWorkChain's budgets and targets: its protocol, with the campaign file's values on top."""
+    from aiida_mlip.workflows.refinement import RefinementWorkChain
+
+    overrides = {key: settings[key] for key in ('max_iterations', 'max_new_labels', 'seed') if key in settings}
+    if 'cells_per_check' in settings:
+        overrides['targets'] = {'cells_per_check': settings['cells_per_check']}
+    inputs = RefinementWorkChain.get_protocol_inputs(settings['protocol'], overrides)
+    return {key: inputs[key] for key in ('max_iterations', 'max_new_labels', 'seed', 'targets')}
+
+
 def build_campaign(campaign: dict, filename: str = '<campaign>'):
     """The builder of ``CampaignWorkChain`` for a normalised campaign; needs a loaded profile.
 
@@ -103,6 +114,8 @@ def build_campaign(campaign: dict, filename: str = '<campaign>'):
             'structure', 'mlip', 'dft', 'md_code')
         if 'md' in codes:
             builder.md_code = codes['md']
+    if campaign.get('refinement'):
+        builder.refinement = orm.Dict(refinement_inputs(campaign['refinement']))
     builder.metadata.label = campaign['name']
     builder.metadata.description = campaign['description'] or f'campaign {campaign["name"]}'
     return builder

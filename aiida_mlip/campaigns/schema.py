@@ -10,14 +10,13 @@ normalised campaign into a ``CampaignWorkChain`` builder.
 from __future__ import annotations
 
 import difflib
-import functools
 import pathlib
 import re
 
 import numpy as np
 import yaml
 
-from aiida_mlip.protocols import PROTOCOL_DIR
+from aiida_mlip.protocols import protocol_file, validation_threshold_names
 
 #: ase.build.bulk crystal structures a material may name as ``prototype``.
 PROTOTYPES = ('sc', 'fcc', 'bcc', 'hcp', 'diamond', 'zincblende', 'rocksalt', 'cesiumchloride', 'fluorite',
@@ -40,11 +39,9 @@ class CampaignError(ValueError):
         super().__init__('\n'.join(self.errors))
 
 
-@functools.lru_cache(maxsize=None)
 def protocol_names(workflow: str) -> tuple[str, ...]:
     """The protocols defined in ``aiida_mlip/protocols/<workflow>.yaml``."""
-    with open(PROTOCOL_DIR / f'{workflow}.yaml', encoding='utf-8') as handle:
-        return tuple(yaml.safe_load(handle)['protocols'])
+    return tuple(protocol_file(workflow)['protocols'])
 
 
 class _Checker:
@@ -142,9 +139,10 @@ TOP_KEYS = {
     'training': 'training from scratch or fine-tuning',
     'validation': 'properties validated against DFT per class',
     'transferability': 'per-class models evaluated on every class',
+    'refinement': 'validate, label where it fails, retrain, until the validation passes (needs `validation`)',
 }
 DFT_KEYS = {
-    'protocol': 'labeling protocol (fast, balanced, stringent)',
+    'protocol': f'labeling protocol ({", ".join(protocol_names("labeling"))})',
     'ecutwfc': 'wavefunction cutoff in Ry (default: the family\'s largest recommendation over all elements)',
     'ecutrho': 'charge-density cutoff in Ry (default: as ecutwfc)',
     'kpoints_distance': 'k-point spacing in 1/Å (default: the protocol\'s)',
@@ -172,7 +170,7 @@ MATERIAL_KEYS = {
 CLASS_KEYS = {'materials': 'list of materials', 'sampling': 'sampling of the materials of this class'}
 TRAINING_KEYS = {
     'mode': 'scratch or finetune',
-    'protocol': 'training protocol (fast, balanced, stringent)',
+    'protocol': f'training protocol ({", ".join(protocol_names("training"))})',
     'committee_size': 'number of models trained with different seeds',
     'seed': 'seed of the split (member i trains with seed + i)',
     'split_fractions': '{train, valid, test} fractions summing to 1',
@@ -180,7 +178,7 @@ TRAINING_KEYS = {
     'foundation': 'finetune only: pk, UUID or label of the mlip.model to fine-tune',
 }
 VALIDATION_KEYS = {
-    'protocol': 'validation protocol (fast, balanced, stringent)',
+    'protocol': f'validation protocol ({", ".join(protocol_names("validation"))})',
     'properties': f'subset of {", ".join(VALIDATION_PROPERTIES)}',
     'thresholds': 'pass/fail limits on top of the protocol\'s',
 }
@@ -192,7 +190,14 @@ TRANSFERABILITY_KEYS = {
     'seed': 'seed of the per-class test split',
     'validate': 'validate the per-class models on each class\'s first material',
 }
-THRESHOLD_KEYS = ('v0_error_percent', 'b0_error_percent', 'elastic_error_percent', 'phonon_mae_thz', 'dos_spearman')
+REFINEMENT_KEYS = {
+    'protocol': f'refinement protocol ({", ".join(protocol_names("refinement"))}): budgets and targeted cells',
+    'max_iterations': 'largest number of label -> retrain -> validate iterations after the first validation',
+    'max_new_labels': 'budget of new DFT labels over all iterations',
+    'cells_per_check': 'new cells per failed property per iteration: {eos, elastic, phonons, md_stability}',
+    'seed': 'seed of the targeted cells and MD',
+}
+REFINEMENT_SECTIONS = ('eos', 'elastic', 'phonons', 'md_stability')
 
 
 def load_campaign(path) -> dict:
@@ -233,6 +238,11 @@ def check_campaign(data, filename: str = '<campaign>', base_dir=None) -> dict:
                                                          len(campaign['classes']))
     if (campaign['transferability'] or {}).get('validate') and campaign['validation'] is None:
         checker.error('transferability.validate', 'needs a `validation` section (its properties and protocol)')
+    campaign['refinement'] = _check_refinement(checker, data.get('refinement'))
+    if campaign['refinement'] is not None and campaign['validation'] is None:
+        checker.error('refinement', 'needs a `validation` section: its verdict decides what is labeled next')
+    if campaign['refinement'] is not None and campaign['transferability'] is not None:
+        checker.error('refinement', 'cannot be combined with `transferability` in one campaign: run two campaigns')
     if checker.errors:
         raise CampaignError(checker.errors)
     campaign['elements'] = sorted({e for material in campaign['materials'].values() for e in material['elements']})
@@ -467,9 +477,9 @@ def _check_validation(checker: _Checker, value) -> dict | None:
             validation['properties'] = [checker.string(item, f'validation.properties[{index}]', VALIDATION_PROPERTIES)
                                         for index, item in enumerate(properties)]
     thresholds = checker.mapping(value.get('thresholds'), 'validation.thresholds',
-                                 {name: 'pass/fail limit' for name in THRESHOLD_KEYS})
+                                 {name: 'pass/fail limit' for name in validation_threshold_names()})
     validation['thresholds'] = {name: checker.number(limit, f'validation.thresholds.{name}', positive=True)
-                                for name, limit in thresholds.items() if name in THRESHOLD_KEYS}
+                                for name, limit in thresholds.items() if name in validation_threshold_names()}
     return validation
 
 
@@ -490,6 +500,24 @@ def _check_transferability(checker: _Checker, value, n_classes: int) -> dict | N
     if n_classes and n_classes < 2:
         checker.error('transferability', f'needs at least 2 classes, the campaign has {n_classes}: remove the '
                                          'section or add a class')
+    return settings
+
+
+def _check_refinement(checker: _Checker, value) -> dict | None:
+    """The refinement settings: the protocol's budgets unless given (RefinementWorkChain inputs)."""
+    if value is None:
+        return None
+    value = checker.mapping(value, 'refinement', REFINEMENT_KEYS)
+    settings = {'protocol': checker.protocol(value.get('protocol', 'fast'), 'refinement.protocol', 'refinement')}
+    for name in ('max_iterations', 'max_new_labels', 'seed'):
+        if name in value:
+            settings[name] = checker.number(value[name], f'refinement.{name}', integer=True,
+                                            low=1 if name == 'max_new_labels' else 0)
+    if 'cells_per_check' in value:
+        counts = checker.mapping(value['cells_per_check'], 'refinement.cells_per_check',
+                                 {name: f'new cells when {name} fails' for name in REFINEMENT_SECTIONS})
+        settings['cells_per_check'] = {name: checker.number(count, f'refinement.cells_per_check.{name}',
+                                                            integer=True, low=0) for name, count in counts.items()}
     return settings
 
 

@@ -149,3 +149,42 @@ def heatmap(matrix, row_labels, column_labels, title: str, unit: str) -> bytes:
         ax.text(j, i, text, ha='center', va='center', fontsize=8, color=colour)
     ax.set_title(title, fontsize=9)
     return _png(fig)
+
+
+#: The errors a refinement plot shows, per validation section (keys of the iteration records), and their unit.
+REFINEMENT_ERRORS = {
+    'eos': (('v0_error_percent', 'b0_error_percent'), '|error| (%)'),
+    'elastic': (('cij_error_percent.', 'bulk_modulus_error_percent', 'shear_modulus_error_percent'), '|error| (%)'),
+    'phonons': (('mae_thz',), 'MAE (THz)'),
+    'md_stability': (('drift_mev_per_atom_ps',), '|NVE drift| (meV/atom/ps)'),
+}
+
+
+def refinement_errors(dft_labels, errors: dict) -> bytes:
+    """Each validation error of a refinement against the DFT labels used, one panel per property section.
+
+    ``errors``: ``{'section.key': [value per iteration]}`` (``summary.errors_vs_labels`` of one structure); keys
+    ending in ``.`` in :data:`REFINEMENT_ERRORS` are prefixes (one line per elastic constant).
+    """
+    sections = [section for section, (keys, _) in REFINEMENT_ERRORS.items()
+                if any(name.startswith(f'{section}.{key}') for name in errors for key in keys)]
+    fig, single = _figure(3.2 * max(len(sections), 1), 3.0)
+    if not sections:
+        single.text(0.5, 0.5, 'no validation errors recorded', ha='center', va='center')
+        return _png(fig)
+    single.remove()
+    axes = np.atleast_1d(fig.subplots(1, len(sections)))
+    for ax, section in zip(axes, sections):
+        keys, unit = REFINEMENT_ERRORS[section]
+        for name, values in errors.items():
+            if not any(name == f'{section}.{key}' or (key.endswith('.') and name.startswith(f'{section}.{key}'))
+                       for key in keys):
+                continue
+            points = [(labels, abs(value)) for labels, value in zip(dft_labels, values) if value is not None]
+            if points:
+                ax.plot(*zip(*points), 'o-', markersize=3, label=name.split('.', 1)[1])
+        ax.set_title(section, fontsize=9)
+        ax.set_xlabel('DFT labels in the training data')
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=6)
+    return _png(fig)

@@ -27,6 +27,7 @@ MACE_TRAIN = 'aiida.calculations:mlip.mace_train'
 TRAINING = 'aiida.workflows:mlip.training'
 VALIDATION = 'aiida.workflows:mlip.validation'
 TRANSFERABILITY = 'aiida.workflows:mlip.transferability'
+REFINEMENT = 'aiida.workflows:mlip.refinement'
 #: Transferability matrix entries shown as tables (rows = models, columns = classes).
 MATRIX_KEYS = {
     'energy_mae_mev_per_atom': 'energy MAE (meV/atom)',
@@ -290,6 +291,25 @@ class Report:
                                               f'{name.replace("_", " ")}, {self.call_path(process)}'))
         self.add('Validation against DFT', '\n'.join(parts))
 
+    def refinement(self):
+        """Per refinement (this node or a called one): each validation error against the DFT labels used."""
+        parts = []
+        for process in self.of_type(REFINEMENT):
+            if 'summary' not in process.outputs:
+                continue
+            summary = process.outputs.summary
+            record = summary.get_dict()
+            verdict = 'PASSED' if record.get('passed') else 'FAILED'
+            parts.append(f'<h3>{escape(self.call_path(process))}: {escape(self.mark(process, summary))} '
+                         f'<span class="{verdict.lower()}">{verdict}</span></h3>')
+            parts.append(f'<p>{escape(record.get("stop_reason"))}; DFT labels per iteration: '
+                         f'{escape(record.get("dft_labels"))}</p>')
+            for label, errors in (record.get('errors_vs_labels') or {}).items():
+                parts.append(self.figure(figures.refinement_errors(record['dft_labels'], errors),
+                                         f'{self.call_path(process)}_{label}_refinement',
+                                         f'{label}: validation errors against DFT labels, {node_ref(summary)}'))
+        self.add('Refinement', '\n'.join(parts))
+
     def elastic_table(self, process) -> str:
         """Cij (GPa) of both engines side by side, ``DFT / MLIP`` per entry."""
         tensors = {}
@@ -461,8 +481,8 @@ def write_report(node: orm.ProcessNode, directory) -> pathlib.Path:
     start = time.perf_counter()
     report = Report(node)
     report.overview()
-    for section in (report.summaries, report.test_errors, report.parity, report.learning_curves, report.validations,
-                    report.transferability):
+    for section in (report.summaries, report.refinement, report.test_errors, report.parity, report.learning_curves,
+                    report.validations, report.transferability):
         section()
     if len(report.sections) == 1:
         raise ValueError(f'{node_ref(node)} has nothing to report: no test metrics, evaluations, learning curves, '

@@ -40,7 +40,7 @@ from aiida_mlip.calculations.sampling import scale_volume
 from aiida_mlip.protocols import ProtocolMixin
 from aiida_mlip.workflows.checks import code_problem, elements_of, structures_problem
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain, family_problem, load_pseudo_family
-from aiida_mlip.workflows.loop_helpers import test_errors
+from aiida_mlip.workflows.loop_helpers import md_run_outputs, test_errors
 from aiida_mlip.workflows.training import TrainingWorkChain
 from aiida_mlip.workflows.training import validate_inputs as validate_training_inputs
 
@@ -589,10 +589,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
             return self.exit_codes.ERROR_EXPLORATION_FAILED.format(
                 iteration=self.ctx.iteration, reason=f'MlipMdCalculation<{node.pk}> exit {node.exit_status}: '
                                                      f'{node.exit_message}')
-        runs = {}
-        for key in node.outputs.trajectories:
-            runs[f'trajectory_{key}'] = node.outputs.trajectories[key]
-            runs[f'thermo_{key}'] = node.outputs.thermo[key]
+        runs = md_run_outputs(node)
         parameters = {
             'trust_window': self.inputs.trust_window.get_list(),
             'max_candidates': self.inputs.max_candidates_per_iteration.value,

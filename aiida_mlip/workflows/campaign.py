@@ -23,6 +23,7 @@ from aiida_mlip.workflows.checks import code_problem, elements_of
 from aiida_mlip.workflows.finetune import _key_errors
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain, family_problem
 from aiida_mlip.workflows.loop_helpers import test_errors
+from aiida_mlip.workflows.refinement import RefinementWorkChain
 from aiida_mlip.workflows.training import TrainingWorkChain
 from aiida_mlip.workflows.transferability import TransferabilityWorkChain
 from aiida_mlip.workflows.validation import ValidationWorkChain
@@ -53,6 +54,11 @@ def validate_inputs(inputs, _):
         return f'transferability needs at least 2 classes, the campaign has {len(classes)}'
     if campaign.get('validation') and 'validation' not in inputs:
         return 'the campaign asks for validation but the `validation` inputs are missing'
+    if 'refinement' in inputs:
+        if 'validation' not in inputs:
+            return 'refinement needs the `validation` inputs: its verdict decides what is labeled next'
+        if campaign.get('transferability'):
+            return 'refinement and transferability in one campaign are not supported: run them as two campaigns'
     return None
 
 
@@ -82,16 +88,24 @@ class CampaignWorkChain(WorkChain):
                            namespace_options={'required': False, 'populate_defaults': False,
                                               'help': 'Validation settings (properties, thresholds) used per class.'})
         spec.inputs['validation'].validator = None
+        spec.input('refinement', valid_type=orm.Dict, required=False,
+                   help='Validation-driven refinement instead of one training and one validation: '
+                        '`max_iterations`, `max_new_labels`, `targets`, `seed` of RefinementWorkChain.')
         spec.inputs.validator = validate_inputs
         spec.outline(
             cls.sample,
             cls.run_labeling,
             cls.inspect_labeling,
-            cls.run_training,
-            cls.inspect_training,
-            if_(cls.should_compare)(
-                cls.run_validation,
-                cls.inspect_validation,
+            if_(cls.should_refine)(
+                cls.run_refinement,
+                cls.inspect_refinement,
+            ).else_(
+                cls.run_training,
+                cls.inspect_training,
+                if_(cls.should_compare)(
+                    cls.run_validation,
+                    cls.inspect_validation,
+                ),
             ),
             cls.results,
         )
@@ -101,6 +115,8 @@ class CampaignWorkChain(WorkChain):
         spec.output('test_metrics', valid_type=orm.Dict, required=False, help='Errors on the test split.')
         spec.output_namespace('validation', valid_type=orm.Dict, dynamic=True,
                               help='Per class: the ValidationWorkChain comparison (errors and verdict).')
+        spec.output('refinement', valid_type=orm.Dict, required=False,
+                    help='The refinement summary: passed, stop reason, DFT labels per iteration against each error.')
         spec.output('transferability', valid_type=orm.Dict, required=False,
                     help='The transferability matrix (rows = models, columns = classes).')
         spec.output('summary', valid_type=orm.Dict,
@@ -109,6 +125,7 @@ class CampaignWorkChain(WorkChain):
         spec.exit_code(402, 'ERROR_TRAINING_FAILED', message='The training of the campaign model failed: {reason}')
         spec.exit_code(403, 'ERROR_VALIDATION_FAILED', message='The validation of classes failed: {classes}')
         spec.exit_code(404, 'ERROR_TRANSFERABILITY_FAILED', message='The transferability matrix failed: {reason}')
+        spec.exit_code(405, 'ERROR_REFINEMENT_FAILED', message='The refinement failed: {reason}')
 
     # ---- outline -------------------------------------------------------------------------------------------
     def _campaign(self) -> dict:
@@ -190,14 +207,71 @@ class CampaignWorkChain(WorkChain):
     def _is_finetune(self) -> bool:
         return 'foundation_model' in self.inputs.training.training.mace
 
+    def _merged_dataset(self):
+        """The labels of all classes in one dataset (they share the DFT settings, so they merge)."""
+        datasets = self.ctx.datasets
+        if len(datasets) == 1:
+            return next(iter(datasets.values()))
+        return merge_datasets(**datasets, metadata={'call_link_label': 'merge_classes'})
+
+    def should_refine(self) -> bool:
+        return 'refinement' in self.inputs
+
+    def run_refinement(self):
+        """RefinementWorkChain on the labels of all classes, validated on each class's first material."""
+        self._tick('refinement')
+        self.ctx.dataset = self._merged_dataset()
+        campaign = self._campaign()
+        labeling = AttributeDict(self.exposed_inputs(DftLabelingWorkChain, namespace='labeling'))
+        for key in ('isolated_atoms', 'structure_overrides', 'isolated_atom_box'):
+            labeling.pop(key, None)
+        validation = AttributeDict(self.exposed_inputs(ValidationWorkChain, namespace='validation'))
+        inputs = AttributeDict({
+            **self.inputs.refinement.get_dict(),
+            'dataset': self.ctx.dataset,
+            'structures': {label: self.inputs.structures[names[0]] for label, names in campaign['classes'].items()},
+            'training': self.exposed_inputs(TrainingWorkChain, namespace='training'),
+            'labeling': labeling,
+            'validation': validation,
+            'evaluate_code': self.inputs.evaluate_code,
+            'metadata': {'call_link_label': 'refinement'},
+        })
+        for key, node_type in (('max_iterations', orm.Int), ('max_new_labels', orm.Int), ('seed', orm.Int),
+                               ('targets', orm.Dict)):
+            if key in inputs:
+                inputs[key] = node_type(inputs[key])
+        if 'md_code' in self.inputs:
+            inputs.md_code = self.inputs.md_code
+        node = self.submit(RefinementWorkChain, **inputs)
+        self.report(f'refinement: RefinementWorkChain<{node.pk}> from {self.ctx.dataset.n_frames} frames of '
+                    f'{len(self.ctx.datasets)} class(es)')
+        return ToContext(training=node)
+
+    def inspect_refinement(self):
+        """The refined model and its last validation per class; a FAILED verdict is a result, not an error."""
+        node = self.ctx.training
+        if not node.is_finished_ok:
+            return self.exit_codes.ERROR_REFINEMENT_FAILED.format(
+                reason=f'{node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message}')
+        self.ctx.dataset = node.outputs.dataset
+        for name, model in node.outputs.models.items():
+            self.out(f'models.{name}', model)
+        if 'test_metrics' in node.outputs:
+            self.out('test_metrics', node.outputs.test_metrics)
+        self.ctx.comparisons = dict(node.outputs.validation)
+        for label, comparison in self.ctx.comparisons.items():
+            self.out(f'validation.{label}', comparison)
+        self.out('refinement', node.outputs.summary)
+        summary = node.outputs.summary
+        self.report(f'refinement: {"PASSED" if summary["passed"] else "FAILED"} ({summary["stop_reason"]}), '
+                    f'{summary["new_labels"]} targeted DFT labels')
+        return None
+
     def run_training(self):
         """The campaign model on the labels of all classes (merged: they share the DFT settings)."""
         self._tick('training')
         datasets = self.ctx.datasets
-        if len(datasets) == 1:
-            dataset = next(iter(datasets.values()))
-        else:
-            dataset = merge_datasets(**datasets, metadata={'call_link_label': 'merge_classes'})
+        dataset = self._merged_dataset()
         self.ctx.dataset = dataset
         inputs = AttributeDict(self.exposed_inputs(TrainingWorkChain, namespace='training'))
         inputs.dataset = dataset
@@ -316,13 +390,16 @@ class CampaignWorkChain(WorkChain):
         self._tick('done')
         campaign = self._campaign()
         datasets = self.ctx.datasets
-        n_pw = sum(1 for node in self.node.called_descendants if node.process_type == PW_PROCESS_TYPE)
+        pw_nodes = [node for node in self.node.called_descendants if node.process_type == PW_PROCESS_TYPE]
+        n_pw = len(pw_nodes)
+        n_pw_cached = sum(1 for node in pw_nodes if node.base.caching.is_created_from_cache)
         system = self.inputs.labeling.pw_base.pw.parameters['SYSTEM']
         summary = {
             'campaign': campaign['name'],
             'classes': {label: {'materials': names, 'n_frames': datasets[label].n_frames,
                                 'elements': datasets[label].elements} for label, names in campaign['classes'].items()},
-            'n_pw_calculations': n_pw,
+            'n_pw_calculations': n_pw,         # every PwCalculation of the campaign ...
+            'n_pw_cached': n_pw_cached,        # ... of which reused from the cache (pw.x did not run)
             'fingerprint_hash': self.ctx.dataset.base.attributes.get('fingerprint_hash'),
             'dft': {'pseudo_family': self.inputs.labeling.pseudo_family.value, 'ecutwfc': system['ecutwfc'],
                     'ecutrho': system['ecutrho'],
@@ -337,11 +414,16 @@ class CampaignWorkChain(WorkChain):
         if 'test_metrics' in self.ctx.training.outputs:
             summary['test'] = test_errors(self.ctx.training.outputs.test_metrics.get_dict())
         summary['validation'] = {label: _key_errors(node.get_dict()) for label, node in self.ctx.comparisons.items()}
+        if 'refinement' in self.outputs:
+            refinement = self.outputs['refinement'].get_dict()
+            summary['refinement'] = {key: refinement.get(key) for key in
+                                     ('passed', 'stop_reason', 'n_iterations', 'new_labels', 'seed_frames')}
         if 'transferability' in self.ctx and self.ctx.transferability.is_finished_ok:
             matrix = self.ctx.transferability.outputs.matrix.get_dict()
             summary['transferability'] = {key: matrix.get(key) for key in
                                           ('models', 'classes', 'forces_rmse_mev_per_a', 'out_of_class_ratio')}
         self.out('summary', orm.Dict(summary).store())
         self.report(f'campaign `{campaign["name"]}` done in {summary["wall_s"]:.0f} s: '
-                    f'{n_pw} pw.x calculations, timings {summary["timings_s"]}')
+                    f'{n_pw} pw.x calculations ({n_pw - n_pw_cached} ran, {n_pw_cached} from the cache), '
+                    f'timings {summary["timings_s"]}')
 

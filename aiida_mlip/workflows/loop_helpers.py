@@ -1,4 +1,7 @@
-"""Helpers shared by the learning loops (``mlip.finetune``, ``mlip.active_learning``): one format for test errors."""
+"""Helpers shared by the learning loops (``mlip.finetune``, ``mlip.active_learning``, ``mlip.refinement``).
+
+One format for test errors; one way to hand an MD job's runs to the frame selection.
+"""
 from __future__ import annotations
 
 #: prediction_metrics section -> (name stem, unit suffix) of the test-error keys.
@@ -22,3 +25,12 @@ def test_errors(metrics: dict) -> dict:
             if value is not None:
                 result[f'{stem}_{statistic}_{unit}'] = float(value)
     return result
+
+
+def md_run_outputs(node) -> dict:
+    """``trajectory_<key>`` and ``thermo_<key>`` of every run of a finished ``mlip.md`` job, for ``select_md_frames``."""
+    runs = {}
+    for key in node.outputs.trajectories:
+        runs[f'trajectory_{key}'] = node.outputs.trajectories[key]
+        runs[f'thermo_{key}'] = node.outputs.thermo[key]
+    return runs

@@ -18,7 +18,6 @@ verdict and its errors per check), and ``summary`` lists them side by side: vali
 """
 from __future__ import annotations
 
-import yaml
 from aiida import orm
 from aiida.common import AttributeDict
 from aiida.engine import ToContext, WorkChain, calcfunction, if_, while_
@@ -30,11 +29,11 @@ from aiida_mlip.analysis.refinement import (
 from aiida_mlip.calculations.datasets import merge_datasets
 from aiida_mlip.calculations.md import MlipMdCalculation
 from aiida_mlip.calculations.refinement import targeted_cells
-from aiida_mlip.protocols import PROTOCOL_DIR, ProtocolMixin
+from aiida_mlip.protocols import ProtocolMixin, protocol_file
 from aiida_mlip.workflows.active_learning import labeling_fingerprint_problem, select_md_frames
 from aiida_mlip.workflows.checks import code_problem, elements_of, structures_problem
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain, family_problem
-from aiida_mlip.workflows.loop_helpers import test_errors
+from aiida_mlip.workflows.loop_helpers import md_run_outputs, test_errors
 from aiida_mlip.workflows.training import TrainingWorkChain
 from aiida_mlip.workflows.validation import ValidationWorkChain
 
@@ -47,8 +46,19 @@ LABELING_PORTS_SET_BY_WORKFLOW = ('structures', 'config_types', 'structure_overr
 #: Validation inputs the workflow sets itself.
 VALIDATION_PORTS_SET_BY_WORKFLOW = ('structure', 'mlip', 'dft', 'md_code')
 #: Settings of the targeted cells (the ``targets`` input): the protocol file's defaults, the one source of them.
-DEFAULT_TARGETS = yaml.safe_load((PROTOCOL_DIR / 'refinement.yaml').read_text(encoding='utf-8'))[
-    'default_inputs']['targets']
+DEFAULT_TARGETS = protocol_file('refinement')['default_inputs']['targets']
+
+
+def numeric_entries(values: dict) -> dict:
+    """The numbers of a comparison section, one level of nesting flattened (``cij_error_percent.C44``)."""
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    entries = {key: value for key, value in values.items() if number(value)}
+    for key, nested in values.items():
+        if isinstance(nested, dict):
+            entries.update({f'{key}.{name}': value for name, value in nested.items() if number(value)})
+    return entries
 
 
 @calcfunction
@@ -66,8 +76,7 @@ def summarize_iteration(parameters: orm.Dict, dataset, **nodes) -> orm.Dict:
             'passed': comparison['verdict']['passed'],
             'failed': comparison['verdict']['failed'],
             'checks': comparison['verdict']['checks'],
-            'errors': {section: {key: value for key, value in values.items()
-                                 if isinstance(value, (int, float)) and not isinstance(value, bool)}
+            'errors': {section: numeric_entries(values)
                        for section, values in comparison.items() if section in SECTIONS and isinstance(values, dict)},
         } for label, comparison in comparisons.items()},
     }
@@ -440,10 +449,7 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
             return self.exit_codes.ERROR_EXPLORATION_FAILED.format(
                 iteration=self.ctx.iteration, reason=f'{node.process_label}<{node.pk}> exit {node.exit_status}: '
                                                      f'{node.exit_message}')
-        runs = {}
-        for key in node.outputs.trajectories:
-            runs[f'trajectory_{key}'] = node.outputs.trajectories[key]
-            runs[f'thermo_{key}'] = node.outputs.thermo[key]
+        runs = md_run_outputs(node)
         count = sum(plan.get('md_stability', 0) for plan in self.ctx.plans.values())
         parameters = orm.Dict({'trust_window': self.ctx.targets['md_trust_window'], 'max_candidates': count,
                                'seed': self.inputs.seed.value + self.ctx.iteration, 'min_candidate_fraction': 0.0,

@@ -1,6 +1,7 @@
 """``mlip.training``: seeded split, a committee of MACE models trained concurrently, scored on the test split."""
 from __future__ import annotations
 
+import numpy as np
 from aiida import orm
 from aiida.common import AttributeDict
 from aiida.engine import ToContext, WorkChain, if_
@@ -14,6 +15,10 @@ from aiida_mlip.workflows.mace_train_base import MaceTrainBaseWorkChain
 MlipEvaluateCalculation = CalculationFactory('mlip.evaluate')
 TrainingSet = DataFactory('mlip.dataset')
 MlipModel = DataFactory('mlip.model')
+#: Fewest frames of a validation or test split whose errors are worth reporting without a warning.
+MIN_SPLIT_FRAMES = 3
+#: eV/Å: forces below this in every frame of a split are the zero forces of symmetric cells.
+ZERO_FORCE = 1e-3
 
 
 def validate_inputs(inputs, _):
@@ -28,6 +33,20 @@ def validate_inputs(inputs, _):
     if inputs['dataset'].n_frames < 2:
         return f'the dataset has {inputs["dataset"].n_frames} frame(s): too few to train on'
     return None
+
+
+def split_warnings(name: str, arrays: dict) -> list[str]:
+    """Why a validation/test split cannot judge a model: too few frames, or no frame with non-zero forces."""
+    warnings = []
+    n_frames = len(arrays['n_atoms'])
+    if n_frames < MIN_SPLIT_FRAMES:
+        warnings.append(f'the {name} split has {n_frames} frame(s) (< {MIN_SPLIT_FRAMES}): its errors mean little; '
+                        'label more structures or raise its fraction')
+    forces = np.abs(np.nan_to_num(arrays['forces']))
+    if forces.size == 0 or forces.max() < ZERO_FORCE:
+        warnings.append(f'the {name} split has no frame with non-zero forces (all < {ZERO_FORCE} eV/Å, e.g. only '
+                        'volume scans of a symmetric cell): its force errors are zero for any model')
+    return warnings
 
 
 class TrainingWorkChain(ProtocolMixin, WorkChain):
@@ -104,12 +123,23 @@ class TrainingWorkChain(ProtocolMixin, WorkChain):
         return builder
 
     def split(self):
-        """Seeded split (a calcfunction, so the split itself is provenance)."""
-        kwargs = {'group_by': self.inputs.split_group_by} if 'split_group_by' in self.inputs else {}
+        """Seeded split (a calcfunction, so the split itself is provenance), stratified by config type.
+
+        Stratified unless whole groups are kept together: a validation or test split of only volume-scan
+        frames of a symmetric cell has zero forces, scores every model's forces as perfect and picks the
+        best checkpoint on nothing. Splits that are still too small to mean anything get a WARNING line.
+        """
+        if 'split_group_by' in self.inputs:
+            kwargs = {'group_by': self.inputs.split_group_by}
+        else:
+            kwargs = {'stratify_by': orm.Str('config_type')}
         self.ctx.split = split_dataset(self.inputs.dataset, self.inputs.split_fractions, self.inputs.seed, **kwargs)
         for name, subset in self.ctx.split.items():
             self.out(f'split.{name}', subset)
             self.report(f'{name}: {subset.n_frames} frames')
+            if name != 'train':
+                for warning in split_warnings(name, subset.get_arrays()):
+                    self.report(f'WARNING: {warning}')
 
     def train_committee(self):
         """One MaceTrainBaseWorkChain per member, launched together."""

@@ -8,6 +8,7 @@ outputs of an earlier validation: DFT is the expensive part, compute it once). W
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from aiida import orm
@@ -16,7 +17,7 @@ from aiida.engine import ToContext, WorkChain, calcfunction
 from aiida.plugins import CalculationFactory, WorkflowFactory
 
 from aiida_mlip.analysis.validation import compare_elastic_results, compare_eos, compare_phonons, verdict
-from aiida_mlip.protocols import ProtocolMixin
+from aiida_mlip.protocols import ProtocolMixin, validation_threshold_names
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain
 
 MlipEvaluateCalculation = CalculationFactory('mlip.evaluate')
@@ -34,6 +35,8 @@ REFERENCE_OUTPUTS = {
     'elastic': {'elastic': 'elastic'},
     'phonons': {'phonon_bands': 'band_structure', 'phonon_dos': 'dos', 'phonon_summary': 'phonon_summary'},
 }
+#: The threshold names accepted: those of the protocol file's defaults (docs/validation.md).
+THRESHOLD_KEYS = validation_threshold_names()
 
 
 def bands_arrays(bands: orm.BandsData):
@@ -76,7 +79,8 @@ def compare_properties(thresholds: orm.Dict, model_failures: orm.Dict, **results
             dos.get('mlip'), dos.get('dft'), summaries.get('mlip'), summaries.get('dft'))
     if 'mlip_md_stability' in results:
         stability = results['mlip_md_stability'].get_dict()
-        comparison['md_stability'] = {'unstable': not stability['stable'], 'reasons': stability.get('reasons', [])}
+        comparison['md_stability'] = {'unstable': not stability['stable'], 'reasons': stability.get('reasons', []),
+                                      'drift_mev_per_atom_ps': stability['drift_mev_per_atom_per_ps']}
     comparison['verdict'] = verdict(comparison, thresholds.get_dict())
     return orm.Dict(_jsonable(comparison))
 
@@ -106,15 +110,34 @@ def validation_figures(**results) -> dict:
 
 
 def _jsonable(value):
+    """Plain JSON types; NaN and inf become None (the database stores neither; the verdict has judged them)."""
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return value.item()
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
+
+
+def validate_thresholds(thresholds, _):
+    """Refuse unknown names (a misspelt threshold would silently skip its check), non-numbers, negative limits."""
+    values = thresholds.get_dict()
+    unknown = sorted(set(values) - set(THRESHOLD_KEYS))
+    if unknown:
+        return f'unknown thresholds {unknown}; the known ones are {", ".join(THRESHOLD_KEYS)}'
+    for name, limit in values.items():
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
+            return f'threshold `{name}` must be a finite number, got {limit!r}'
+        if name == 'dos_spearman' and not -1.0 <= limit <= 1.0:
+            return f'threshold `dos_spearman` is a rank correlation and must be in [-1, 1], got {limit}'
+        if name != 'dos_spearman' and limit < 0:
+            return f'threshold `{name}` must not be negative (errors are judged by magnitude), got {limit}'
+    return None
 
 
 def validate_inputs(inputs, _):
@@ -148,9 +171,9 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
                    help='Which properties to compare: any of eos, elastic, phonons, and md_stability (model only).')
         spec.input('md_code', valid_type=orm.AbstractCode, required=False,
                    help='The `mlip.md` code for md_stability; the models are those of `mlip`.')
-        spec.input('thresholds', valid_type=orm.Dict,
-                   help='Pass/fail limits: v0_error_percent, b0_error_percent, elastic_error_percent, '
-                        'phonon_mae_thz, dos_spearman (docs/validation.md gives their sources).')
+        spec.input('thresholds', valid_type=orm.Dict, validator=validate_thresholds,
+                   help=f'Pass/fail limits, any of {", ".join(THRESHOLD_KEYS)}; a check without its limit is '
+                        'skipped (docs/validation.md gives their sources).')
         spec.expose_inputs(MlipEvaluateCalculation, namespace='mlip', exclude=('structures', 'dataset'),
                            namespace_options={'required': False, 'populate_defaults': False,
                                               'help': 'The model (or committee) and the evaluation code.'})

@@ -87,3 +87,37 @@ def test_suggest_scan_centre_finds_an_unbracketed_minimum():
     assert centre < 42.0  # points the next scan towards smaller volumes
     assert abs(centre - 40.9) < 2.0
     assert suggest_scan_centre([1.0, 2.0, 3.0], [3.0, 2.5, 1.0]) == 3.0  # concave data: lowest sampled volume
+
+
+def test_minimum_near_edge_means_the_outermost_interval():
+    from aiida_mlip.analysis.eos import minimum_near_edge
+
+    volumes = [18.0, 19.0, 20.0, 21.0, 22.0]
+    assert not minimum_near_edge(volumes, 20.0)
+    assert not minimum_near_edge(volumes, 19.0) and not minimum_near_edge(volumes, 21.0)
+    assert minimum_near_edge(volumes, 18.9) and minimum_near_edge(volumes, 21.1)
+    assert minimum_near_edge(list(reversed(volumes)), 21.5)  # order of the scan does not matter
+
+
+@pytest.mark.parametrize('cubic', [False, True])
+def test_conventional_lattice_at_volume_of_diamond(cubic):
+    """Primitive or cubic cell: the cubic a0 from the volume per atom, a0 = (8 V0)^(1/3) for diamond."""
+    from ase.build import bulk
+
+    from aiida_mlip.analysis.eos import conventional_lattice_at_volume
+
+    atoms = bulk('Si', 'diamond', a=5.40, cubic=cubic)
+    lattice = conventional_lattice_at_volume(atoms.cell, atoms.get_scaled_positions(), atoms.numbers, 20.64)
+    assert lattice['a'] == pytest.approx((8 * 20.64) ** (1 / 3), rel=1e-9)  # 5.4866 Å
+    assert lattice['a'] == pytest.approx(lattice['b'], rel=1e-9) == pytest.approx(lattice['c'], rel=1e-9)
+
+
+def test_conventional_lattice_at_volume_keeps_the_shape():
+    from ase.build import bulk
+
+    from aiida_mlip.analysis.eos import conventional_lattice_at_volume
+
+    atoms = bulk('Mg', 'hcp', a=3.2, c=5.2)
+    v0 = atoms.get_volume() / len(atoms) * 1.1 ** 3  # every length 10 % longer
+    lattice = conventional_lattice_at_volume(atoms.cell, atoms.get_scaled_positions(), atoms.numbers, v0)
+    assert lattice['a'] == pytest.approx(3.52, rel=1e-6) and lattice['c'] == pytest.approx(5.72, rel=1e-6)

@@ -1,17 +1,19 @@
-"""``mlip.elastic``: clamped-ion elastic tensor from stress-strain pairs, with the DFT or the MLIP engine.
+"""``mlip.elastic``: relaxed-ion (default) and clamped-ion elastic tensors, with the DFT or the MLIP engine.
 
 The unstrained reference cell and 6 Voigt components x ``strain_magnitudes`` homogeneously strained cells
-(atoms scaled with the cell, NOT relaxed) go to the engine in one submission; a linear least-squares fit of the
-stresses against the strains (``aiida_mlip.analysis.elastic.fit_elastic_tensor``) gives C (6x6, GPa).
+(atoms scaled with the cell) go to the engine in one submission; a linear least-squares fit of the stresses
+against the strains (``aiida_mlip.analysis.elastic.fit_elastic_tensor``) gives the CLAMPED-ION C (6x6, GPa).
 
-Internal relaxation is not done: the engines evaluate single points, so the result is the CLAMPED-ION tensor
-(output attribute ``clamped_ion: True``). For crystals whose atoms are not all at centres of inversion, some
-constants relax: in diamond Si the clamped-ion C44 is ~110 GPa against ~75 GPa relaxed-ion (PBE), while C11
-and C12 are unaffected. Compare an MLIP with DFT like for like (both clamped-ion), not with experiment.
+Relaxed-ion tensor (default; ``clamped_ion`` True switches it off): the cells whose clamped forces exceed
+``relax_ions_fmax`` (only those; in diamond the shear strains) are relaxed at fixed cell with the same engine
+(DFT: one pw.x ``relax`` PwBaseWorkChain per cell; MLIP: ONE ``mlip.relax`` job, then ONE evaluation of the
+relaxed cells for their stresses) and substituted into the fit. Exact: the other cells are already at their
+internal minimum to that tolerance. If every atom sits at an inversion centre (fcc, bcc, rocksalt) no strain
+creates internal forces and nothing is relaxed (relaxed-ion = clamped-ion). In diamond Si relaxation lowers
+C44 (~110 -> ~75 GPa, PBE) and leaves C11, C12 unchanged.
 
-With ``relax`` True the structure is first relaxed (positions and, with ``relax_cell``, the cell) with the same
-engine and the strains are applied to the relaxed structure; the strained cells themselves are still NOT relaxed
-internally, so the tensor stays clamped-ion.
+With ``relax`` True the input structure is first relaxed (positions and, with ``relax_cell``, the cell) with the
+same engine and the strains are applied to the relaxed structure.
 """
 from __future__ import annotations
 
@@ -20,12 +22,14 @@ from aiida import orm
 from aiida.engine import ToContext, WorkChain, calcfunction, if_
 
 from aiida_mlip.analysis.elastic import (
-    born_stability, fit_elastic_tensor, strain_to_voigt, stress_to_voigt, symmetrize_elastic_tensor,
-    voigt_reuss_hill, voigt_strain_matrices, voigt_to_strain, voigt_to_stress,
+    born_stability, every_atom_at_inversion_centre, fit_elastic_tensor, strain_to_voigt, stress_to_voigt,
+    symmetrize_elastic_tensor, voigt_reuss_hill, voigt_strain_matrices, voigt_to_strain, voigt_to_stress,
 )
+from aiida_mlip.calculations.datasets import collect_labeled_frames, frame_link_prefix
 from aiida_mlip.calculations.sampling import strain_structure
+from aiida_mlip.data.dataset import FORCES_KEY
 from aiida_mlip.workflows.checks import structure_problem
-from aiida_mlip.workflows.properties.engine import EngineMixin, validate_engine, validate_relax
+from aiida_mlip.workflows.properties.engine import EngineMixin, relax_code_problem, validate_engine, validate_relax
 
 #: eV/Å³ -> GPa
 EV_PER_A3_TO_GPA = 160.2176634
@@ -39,6 +43,14 @@ MAX_MAGNITUDES = 10
 
 #: Symmetry tolerance (Å) of the spglib crystal-system detection and of the orientation of the crystal axes.
 SYMPREC = 1e-3
+
+#: Default force tolerance (eV/Å) of the fixed-cell relaxation of the strained cells (docs/elastic.md: C44 of Si
+#: moves by < 0.1 GPa between 1e-3 and 3e-4 eV/Å).
+RELAX_IONS_FMAX = 1e-3
+#: pw.x SCF threshold (Ry per atom) of those relaxations: forces to ~1e-5 Ry/Bohr, well below RELAX_IONS_FMAX.
+RELAX_IONS_CONV_THR_PER_ATOM = 1e-10
+#: `internal_relaxation` note when no strain can create internal forces.
+NO_INTERNAL_RELAXATION = 'not needed (every atom at an inversion centre): relaxed-ion = clamped-ion'
 
 #: The seven crystal systems a user may name.
 CRYSTAL_SYSTEMS = ('triclinic', 'monoclinic', 'orthorhombic', 'tetragonal', 'trigonal', 'hexagonal', 'cubic')
@@ -134,11 +146,13 @@ def named_constants(c_matrix, tolerance: float = 1e-6) -> dict:
     }
 
 
-def elastic_analysis(atoms_list, crystal_system: str | None = None, symprec: float = SYMPREC) -> tuple:
+def elastic_analysis(atoms_list, crystal_system: str | None = None, symprec: float = SYMPREC,
+                     clamped_ion: bool = True) -> tuple:
     """Fit, symmetrise and reduce the elastic tensor of evaluated cells; frame 0 is the unstrained reference.
 
     :returns: (result dict, Voigt strains (N, 6), Voigt stresses (N, 6) in GPa).
 
+    ``clamped_ion`` only labels the result (False: the strained cells were relaxed at fixed cell).
     Each frame needs ``info['REF_stress']`` (3x3 eV/Å³, ASE sign: positive = tensile). The strain of each frame is
     computed from its cell relative to frame 0, so only (strain, stress) pairs enter the fit.
     """
@@ -176,7 +190,7 @@ def elastic_analysis(atoms_list, crystal_system: str | None = None, symprec: flo
                   'bulk_reuss': None, 'shear_reuss': None, 'bulk_hill': None, 'shear_hill': None}
     stability = born_stability(c_sym)
     return {
-        'clamped_ion': True,
+        'clamped_ion': clamped_ion,
         'elastic_tensor_gpa': c_sym.tolist(),
         'elastic_tensor_raw_gpa': c_raw.tolist(),
         'constants_gpa': named_constants(c_sym),
@@ -205,13 +219,24 @@ def elastic_analysis(atoms_list, crystal_system: str | None = None, symprec: flo
 
 # ---- calcfunctions -------------------------------------------------------------------------------------------
 @calcfunction
-def fit_elastic_constants(frames, crystal_system=None) -> dict:
-    """Clamped-ion elastic tensor from the evaluated reference (frame 0) and strained cells.
+def fit_elastic_constants(frames, crystal_system=None, relaxed_frames=None, relaxed_indices=None,
+                          internal_relaxation=None) -> dict:
+    """Elastic tensor from the evaluated reference (frame 0) and strained cells.
 
+    Clamped-ion without ``internal_relaxation``; with it (Str, recorded as ``internal_relaxation``) relaxed-ion:
+    the frames at ``relaxed_indices`` (List) are replaced by ``relaxed_frames`` (same order) before the fit.
     Returns ``elastic`` (Dict, see ``elastic_analysis``) and ``stress_strain`` (ArrayData: ``strains`` Voigt with
     engineering shear, ``stresses`` Voigt GPa, positive = tensile, one row per frame).
     """
-    result, strains, stresses = elastic_analysis(frames.to_ase(), crystal_system.value if crystal_system else None)
+    atoms_list = frames.to_ase()
+    indices = relaxed_indices.get_list() if relaxed_indices is not None else []
+    if relaxed_frames is not None:
+        for index, atoms in zip(indices, relaxed_frames.to_ase(), strict=True):
+            atoms_list[index] = atoms
+    result, strains, stresses = elastic_analysis(atoms_list, crystal_system.value if crystal_system else None,
+                                                 clamped_ion=internal_relaxation is None)
+    if internal_relaxation is not None:
+        result.update(internal_relaxation=internal_relaxation.value, relaxed_cells=indices)
     pairs = orm.ArrayData()
     pairs.set_array('strains', strains)
     pairs.set_array('stresses', stresses)
@@ -251,11 +276,19 @@ def validate_inputs(inputs, ctx):
         return problem
     if 'crystal_system' in inputs and inputs['crystal_system'].value not in CRYSTAL_SYSTEMS:
         return f'crystal_system must be one of {", ".join(CRYSTAL_SYSTEMS)}, got `{inputs["crystal_system"].value}`'
-    return structure_problem('structure', inputs['structure']) or validate_relax(inputs, ctx)
+    if not inputs['relax_ions_fmax'].value > 0:
+        return f'`relax_ions_fmax` must be > 0 eV/Å, got {inputs["relax_ions_fmax"].value}'
+    problem = structure_problem('structure', inputs['structure']) or validate_relax(inputs, ctx)
+    if problem or ('clamped_ion' in inputs and inputs['clamped_ion'].value):
+        return problem
+    atoms = inputs['structure'].get_ase()
+    if every_atom_at_inversion_centre(atoms.cell, atoms.get_scaled_positions(), atoms.numbers, SYMPREC):
+        return None  # no strain creates internal forces: nothing will be relaxed
+    return relax_code_problem(inputs, 'the relaxed-ion tensor (clamped_ion=False)')
 
 
 class ElasticWorkChain(EngineMixin, WorkChain):
-    """Clamped-ion elastic constants from stress-strain pairs: reference + 6 components x magnitudes, one fit."""
+    """Relaxed-ion (default) and clamped-ion elastic constants from stress-strain pairs of strained cells."""
 
     @classmethod
     def define(cls, spec):
@@ -269,13 +302,32 @@ class ElasticWorkChain(EngineMixin, WorkChain):
         spec.input('crystal_system', valid_type=orm.Str, required=False,
                    help=f'One of {", ".join(CRYSTAL_SYSTEMS)}; default: detected with spglib (symprec {SYMPREC} Å). '
                         'Decides the symmetry projection of C.')
+        spec.input('clamped_ion', valid_type=orm.Bool, default=lambda: orm.Bool(False),
+                   help='True: only the clamped-ion tensor (atoms move with the strain, no relaxation). Default '
+                        'False: the strained cells with internal forces are relaxed at fixed cell (relaxed-ion).')
+        spec.input('relax_ions_fmax', valid_type=orm.Float, default=lambda: orm.Float(RELAX_IONS_FMAX),
+                   help='Relaxed-ion: force tolerance (eV/Å) of the fixed-cell relaxation; cells whose clamped forces '
+                        f'are below it are not relaxed. Default {RELAX_IONS_FMAX} (docs/elastic.md: C44 of Si '
+                        'converged to < 0.1 GPa); pw.x conv_thr is tightened to '
+                        f'{RELAX_IONS_CONV_THR_PER_ATOM} Ry/atom for these runs.')
         cls.define_engine(spec)
         cls.define_relax(spec)
         spec.inputs.validator = validate_inputs
-        spec.outline(if_(cls.should_relax)(cls.run_relax, cls.inspect_relax), cls.run_strains, cls.fit, cls.results)
+        spec.outline(
+            if_(cls.should_relax)(cls.run_relax, cls.inspect_relax),
+            cls.run_strains, cls.fit,
+            if_(cls.should_relax_ions)(cls.run_ion_relaxations, cls.inspect_ion_relaxations),
+            cls.fit_relaxed_ion, cls.results,
+        )
         spec.output('elastic', valid_type=orm.Dict,
-                    help='Clamped-ion C (6x6 GPa, raw and symmetrised), crystal system, VRH bulk/shear moduli, '
+                    help='C (6x6 GPa, raw and symmetrised): relaxed-ion by default (`clamped_ion` False, '
+                         '`internal_relaxation` says what was relaxed), crystal system, VRH bulk/shear moduli, '
                          'Born stability verdict and reason, fit diagnostics.')
+        spec.output('elastic_clamped_ion', valid_type=orm.Dict,
+                    help='The clamped-ion C from the same cells, same format (`clamped_ion` True).')
+        spec.output('relaxed_frames', valid_type=orm.Data, required=False,
+                    help='Relaxed-ion: the cells relaxed at fixed cell, evaluated (`mlip.dataset`; their positions '
+                         'in `frames` are `relaxed_cells` of `elastic`).')
         spec.output('stress_strain', valid_type=orm.ArrayData,
                     help='The fitted pairs: `strains` (Voigt, engineering shear), `stresses` (Voigt, GPa, tensile +).')
         spec.output('frames', valid_type=orm.Data,
@@ -309,13 +361,91 @@ class ElasticWorkChain(EngineMixin, WorkChain):
             )
 
     def fit(self):
+        """The clamped-ion fit, and the choice of the cells to relax (those with clamped forces > tolerance)."""
         frames, failure = self.engine_frames(self.ctx.cells, self.ctx.structures)
         if failure:
             return failure
         self.out('frames', frames)
-        inputs = {'crystal_system': self.inputs.crystal_system} if 'crystal_system' in self.inputs else {}
+        self.ctx.frames = frames
+        self.ctx.fit_inputs = {'crystal_system': self.inputs.crystal_system} if 'crystal_system' in self.inputs else {}
         try:
-            fitted = fit_elastic_constants(frames, **inputs)
+            fitted = fit_elastic_constants(frames, **self.ctx.fit_inputs)
+        except ValueError as exception:
+            return self.exit_codes.ERROR_FIT_FAILED.format(reason=str(exception))
+        self.out('elastic_clamped_ion', fitted['elastic'])
+        self.ctx.clamped = fitted
+        self.ctx.relax_keys = []
+        if self.inputs.clamped_ion.value:
+            return None
+        reference = frames.to_ase()[0]
+        if every_atom_at_inversion_centre(reference.cell, reference.get_scaled_positions(), reference.numbers,
+                                          SYMPREC):
+            self.ctx.internal_relaxation = NO_INTERNAL_RELAXATION
+            self.report(f'internal relaxation {NO_INTERNAL_RELAXATION}')
+            return None
+        fmax = self.inputs.relax_ions_fmax.value
+        keys = sorted(self.ctx.structures)
+        for key, atoms in zip(keys, frames.to_ase(), strict=True):
+            if float(np.linalg.norm(atoms.arrays[FORCES_KEY], axis=1).max()) > fmax:
+                self.ctx.relax_keys.append(key)
+        self.ctx.internal_relaxation = (f'{len(self.ctx.relax_keys)} of {len(keys)} cells relaxed at fixed cell to '
+                                        f'fmax {fmax} eV/Å (the others had smaller clamped forces)')
+        self.report(f'internal relaxation: {self.ctx.internal_relaxation}')
+        return None
+
+    def should_relax_ions(self) -> bool:
+        return bool(self.ctx.relax_keys)
+
+    def run_ion_relaxations(self):
+        """Fixed-cell relaxation of the cells with internal forces: DFT one pw.x relax each, MLIP one job."""
+        structures = {key: self.ctx.structures[key] for key in self.ctx.relax_keys}
+        nodes = self.submit_relaxations(structures, False, 'relax_ions', self.inputs.relax_ions_fmax.value,
+                                        RELAX_IONS_CONV_THR_PER_ATOM)
+        return ToContext(**{f'relax_ions_{key}': node for key, node in nodes.items()})
+
+    def inspect_ion_relaxations(self):
+        """DFT: the relaxed frames from the PwBaseWorkChain outputs; MLIP: ONE evaluation of the relaxed cells."""
+        nodes = {key: self.ctx[f'relax_ions_{key}'] for key in self.ctx.relax_keys}
+        for node in {node.pk: node for node in nodes.values()}.values():
+            if not node.is_finished_ok:
+                reason = f'{node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message}'
+                return self.exit_codes.ERROR_RELAX_FAILED.format(engine=self.engine, reason=reason)
+        if self.engine == 'dft':
+            frames = {}
+            for position, key in enumerate(self.ctx.relax_keys):
+                prefix, outputs = frame_link_prefix(position), nodes[key].outputs
+                frames[f'{prefix}_structure'] = outputs.output_structure
+                frames[f'{prefix}_parameters'] = outputs.output_parameters
+                frames[f'{prefix}_trajectory'] = outputs.output_trajectory
+            settings = orm.Dict({'config_types': ['elastic_relaxed_ion'] * len(nodes),
+                                 'fingerprint': self.ctx.frames.fingerprint})
+            self.ctx.relaxed_frames = collect_labeled_frames(settings, **frames,
+                                                             metadata={'call_link_label': 'collect_relaxed'})
+            return None
+        relaxed = next(iter(nodes.values())).outputs.relaxed_structures
+        self.ctx.relaxed_structures = {key: relaxed[key] for key in self.ctx.relax_keys}
+        return ToContext(relaxed_cells=self.submit_engine(self.ctx.relaxed_structures, 'relaxed_cells'))
+
+    def fit_relaxed_ion(self):
+        """The output ``elastic``: relaxed-ion (the relaxed frames substituted), or the clamped-ion tensor."""
+        if self.inputs.clamped_ion.value:
+            self.out('elastic', self.ctx.clamped['elastic'])
+            self.out('stress_strain', self.ctx.clamped['stress_strain'])
+            return None
+        inputs = dict(self.ctx.fit_inputs, internal_relaxation=orm.Str(self.ctx.internal_relaxation))
+        if self.ctx.relax_keys:
+            if self.engine == 'mlip':
+                relaxed, failure = self.engine_frames(self.ctx.relaxed_cells, self.ctx.relaxed_structures)
+                if failure:
+                    return failure
+            else:
+                relaxed = self.ctx.relaxed_frames
+            self.out('relaxed_frames', relaxed)
+            keys = sorted(self.ctx.structures)
+            indices = [keys.index(key) for key in self.ctx.relax_keys]
+            inputs.update(relaxed_frames=relaxed, relaxed_indices=orm.List(indices))
+        try:
+            fitted = fit_elastic_constants(self.ctx.frames, **inputs)
         except ValueError as exception:
             return self.exit_codes.ERROR_FIT_FAILED.format(reason=str(exception))
         self.out('elastic', fitted['elastic'])
@@ -326,7 +456,8 @@ class ElasticWorkChain(EngineMixin, WorkChain):
         elastic = self.outputs['elastic']
         constants = ', '.join(f'{key} = {value:.1f}' for key, value in elastic['constants_gpa'].items())
         self.report(
-            f'{self.engine}: clamped-ion {constants} GPa ({elastic["crystal_system"]}); '
+            f'{self.engine}: {"clamped" if elastic["clamped_ion"] else "relaxed"}-ion {constants} GPa '
+            f'({elastic["crystal_system"]}); '
             f'B_VRH = {elastic["bulk_modulus_vrh_gpa"]} GPa, G_VRH = {elastic["shear_modulus_vrh_gpa"]} GPa; '
             f'Born {"stable" if elastic["born_stable"] else "UNSTABLE"}: {elastic["born_reason"]}'
         )

@@ -20,6 +20,9 @@ on the relaxed structure (output ``relaxed_structure``):
 * ``mlip``: one ``MlipRelaxCalculation`` (``mlip.relax``) with the models/dtype/threads of the ``mlip`` namespace.
   Its code is the optional input ``relax_code``; without it, the first ``mlip.relax`` code on the computer of
   ``mlip.code`` is used (``aiida-mlip setup`` / ``ensure_mlip_codes`` installs one, label ``mlip-relax``).
+
+:meth:`EngineMixin.submit_relaxations` relaxes several structures the same way (DFT one PwBaseWorkChain each,
+MLIP one job for all), e.g. the strained cells of ``mlip.elastic`` at fixed cell.
 """
 from __future__ import annotations
 
@@ -71,6 +74,11 @@ def validate_relax(inputs, _=None) -> str | None:
         return f'`relax_fmax` must be > 0 eV/Å, got {inputs["relax_fmax"].value}'
     if inputs['relax_steps'].value < 1:
         return f'`relax_steps` must be >= 1, got {inputs["relax_steps"].value}'
+    return relax_code_problem(inputs, 'relax=True')
+
+
+def relax_code_problem(inputs, why: str) -> str | None:
+    """With the mlip engine: why no `mlip.relax` code is available for a relaxation (``why`` names the cause)."""
     if not inputs.get('mlip'):
         return None
     code = inputs.get('relax_code')
@@ -80,7 +88,7 @@ def validate_relax(inputs, _=None) -> str | None:
         return None
     evaluate_code = inputs['mlip'].get('code')
     if evaluate_code is not None and find_relax_code(evaluate_code.computer) is None:
-        return (f'relax=True with the mlip engine needs an `mlip.relax` code: give `relax_code`, or install one on '
+        return (f'{why} with the mlip engine needs an `mlip.relax` code: give `relax_code`, or install one on '
                 f'computer `{evaluate_code.computer.label}` (`aiida-mlip setup`, ensure_mlip_codes)')
     return None
 
@@ -149,53 +157,76 @@ class EngineMixin:
 
     def submit_relax(self, structure: orm.StructureData, relax_cell: bool, label: str):
         """Launch the relaxation of ``structure`` (cell too if ``relax_cell``) with the chosen engine."""
-        fmax = self.inputs.relax_fmax.value if 'relax_fmax' in self.inputs else 0.005
+        return self.submit_relaxations({'structure': structure}, relax_cell, label)['structure']
+
+    def submit_relaxations(self, structures: dict, relax_cell: bool, label: str, fmax: float | None = None,
+                           conv_thr_per_atom: float | None = None) -> dict:
+        """Relax every structure of ``structures`` (key -> StructureData): key -> node.
+
+        DFT: one PwBaseWorkChain per structure (labels ``{label}_{key}`` for more than one); MLIP: ONE
+        MlipRelaxCalculation for all (the same node under every key). ``fmax`` (eV/Å) defaults to ``relax_fmax``;
+        ``conv_thr_per_atom`` (Ry, DFT) to ``dft.conv_thr_per_atom``, and only ever tightens it.
+        """
+        if fmax is None:
+            fmax = self.inputs.relax_fmax.value if 'relax_fmax' in self.inputs else 0.005
         steps = self.inputs.relax_steps.value if 'relax_steps' in self.inputs else 500
+        kind = 'positions and cell' if relax_cell else 'positions'
         if self.engine == 'dft':
             from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
 
-            dft = self.exposed_inputs(DftLabelingWorkChain, namespace='dft')
-            inputs = AttributeDict(dft['pw_base'])
-            inputs.pw = AttributeDict(inputs.pw)
-            inputs.pw.structure = structure
-            inputs.pw.pseudos = load_pseudo_family(dft['pseudo_family'].value).get_pseudos(structure=structure)
-            parameters = inputs.pw.parameters.get_dict()
-            control = parameters.setdefault('CONTROL', {})
-            control['calculation'] = 'vc-relax' if relax_cell else 'relax'
-            control['forc_conv_thr'] = fmax * EV_PER_A_TO_RY_PER_BOHR
-            control['nstep'] = steps
-            control.setdefault('tstress', True)
-            control.setdefault('tprnfor', True)
-            parameters.setdefault('IONS', {})
-            if relax_cell:
-                parameters.setdefault('CELL', {}).setdefault('cell_dofree', 'all')
-            if 'conv_thr_per_atom' in dft:
-                parameters.setdefault('ELECTRONS', {})['conv_thr'] = dft['conv_thr_per_atom'].value * len(
-                    structure.sites)
-            inputs.pw.parameters = orm.Dict(parameters)
-            if 'clean_workdir' in dft:
-                inputs.clean_workdir = dft['clean_workdir']
-            process = PwBaseWorkChain
-        else:
-            from aiida_mlip.calculations.relax import MlipRelaxCalculation
+            nodes = {}
+            for key, structure in structures.items():
+                inputs = self.dft_relax_inputs(structure, relax_cell, fmax, steps, conv_thr_per_atom)
+                link = label if len(structures) == 1 else f'{label}_{key}'
+                inputs.metadata = {**inputs.get('metadata', {}), 'call_link_label': link}
+                nodes[key] = self.submit(PwBaseWorkChain, **inputs)
+                self.report(f'launched PwBaseWorkChain<{nodes[key].pk}> to relax the {kind} ({link})')
+            return nodes
+        from aiida_mlip.calculations.relax import MlipRelaxCalculation
 
-            mlip = self.exposed_inputs(MlipEvaluateCalculation, namespace='mlip')
-            inputs = AttributeDict({'models': mlip['models'], 'structures': {'structure': structure},
-                                    'fmax': orm.Float(fmax), 'steps': orm.Int(steps),
-                                    'relax_cell': orm.Bool(relax_cell)})
-            for name in ('dtype', 'threads'):
-                if name in mlip:
-                    inputs[name] = mlip[name]
-            inputs.code = self.inputs.relax_code if 'relax_code' in self.inputs else find_relax_code(
-                mlip['code'].computer)
-            options = dict(mlip.get('metadata', {}).get('options', {}))
-            inputs.metadata = {'options': {key: options[key] for key in RELAX_OPTION_KEYS if key in options}}
-            process = MlipRelaxCalculation
-        inputs.metadata = {**inputs.get('metadata', {}), 'call_link_label': label}
-        node = self.submit(process, **inputs)
-        kind = 'positions and cell' if relax_cell else 'positions'
-        self.report(f'launched {process.__name__}<{node.pk}> to relax the {kind} ({label})')
-        return node
+        mlip = self.exposed_inputs(MlipEvaluateCalculation, namespace='mlip')
+        inputs = AttributeDict({'models': mlip['models'], 'structures': dict(structures),
+                                'fmax': orm.Float(fmax), 'steps': orm.Int(steps), 'relax_cell': orm.Bool(relax_cell)})
+        for name in ('dtype', 'threads'):
+            if name in mlip:
+                inputs[name] = mlip[name]
+        inputs.code = self.inputs.relax_code if 'relax_code' in self.inputs else find_relax_code(
+            mlip['code'].computer)
+        options = dict(mlip.get('metadata', {}).get('options', {}))
+        inputs.metadata = {'options': {key: options[key] for key in RELAX_OPTION_KEYS if key in options},
+                           'call_link_label': label}
+        node = self.submit(MlipRelaxCalculation, **inputs)
+        self.report(f'launched MlipRelaxCalculation<{node.pk}> to relax the {kind} of {len(structures)} cells ({label})')
+        return {key: node for key in structures}
+
+    def dft_relax_inputs(self, structure: orm.StructureData, relax_cell: bool, fmax: float, steps: int,
+                         conv_thr_per_atom: float | None = None) -> AttributeDict:
+        """PwBaseWorkChain inputs of a (vc-)relax from the ``dft`` namespace: same pw_base settings and pseudos."""
+        dft = self.exposed_inputs(DftLabelingWorkChain, namespace='dft')
+        inputs = AttributeDict(dft['pw_base'])
+        inputs.pw = AttributeDict(inputs.pw)
+        inputs.pw.structure = structure
+        inputs.pw.pseudos = load_pseudo_family(dft['pseudo_family'].value).get_pseudos(structure=structure)
+        parameters = inputs.pw.parameters.get_dict()
+        control = parameters.setdefault('CONTROL', {})
+        control['calculation'] = 'vc-relax' if relax_cell else 'relax'
+        control['forc_conv_thr'] = fmax * EV_PER_A_TO_RY_PER_BOHR
+        control['nstep'] = steps
+        control.setdefault('tstress', True)
+        control.setdefault('tprnfor', True)
+        parameters.setdefault('IONS', {})
+        if relax_cell:
+            parameters.setdefault('CELL', {}).setdefault('cell_dofree', 'all')
+        electrons = parameters.setdefault('ELECTRONS', {})
+        if 'conv_thr_per_atom' in dft:
+            electrons['conv_thr'] = dft['conv_thr_per_atom'].value * len(structure.sites)
+        if conv_thr_per_atom is not None:
+            tight = conv_thr_per_atom * len(structure.sites)
+            electrons['conv_thr'] = min(electrons.get('conv_thr', tight), tight)
+        inputs.pw.parameters = orm.Dict(parameters)
+        if 'clean_workdir' in dft:
+            inputs.clean_workdir = dft['clean_workdir']
+        return inputs
 
     def relaxed_structure(self, node):
         """(relaxed StructureData, None) or (None, ERROR_RELAX_FAILED) from the node of :meth:`submit_relax`."""

@@ -12,7 +12,9 @@ import numpy as np
 from aiida import orm
 from aiida.engine import ToContext, WorkChain, calcfunction, if_, while_
 
-from aiida_mlip.analysis.eos import MIN_EOS_POINTS, fit_birch_murnaghan, suggest_scan_centre
+from aiida_mlip.analysis.eos import (
+    MIN_EOS_POINTS, conventional_lattice_at_volume, fit_birch_murnaghan, minimum_near_edge, suggest_scan_centre,
+)
 from aiida_mlip.calculations.sampling import scale_volume, volume_scaled_copies
 from aiida_mlip.workflows.checks import structure_problem
 from aiida_mlip.workflows.properties.engine import EngineMixin, validate_engine, validate_relax
@@ -28,18 +30,26 @@ def _volumes_energies(frames):
 
 
 @calcfunction
-def fit_equation_of_state(frames) -> dict:
-    """Birch-Murnaghan fit of the evaluated volume scan; volumes and energies per atom.
+def fit_equation_of_state(frames, structure) -> dict:
+    """Birch-Murnaghan fit of the evaluated volume scan of ``structure``; volumes and energies per atom.
 
-    Returns ``eos`` (Dict: v0 Å³/atom, e0 eV/atom, b0 GPa, b0_prime, residual_rms eV/atom) and
-    ``curve`` (ArrayData: volumes, energies per atom).
+    Returns ``eos`` (Dict: v0 Å³/atom, e0 eV/atom, b0 GPa, b0_prime, residual_rms eV/atom, the conventional
+    lattice at V0 ``lattice_angstrom`` {a, b, c} and ``a0_angstrom`` = its a, ``minimum_near_edge`` and
+    ``warnings``) and ``curve`` (ArrayData: volumes, energies per atom).
     """
     volumes, energies = _volumes_energies(frames)
-    fit = fit_birch_murnaghan(volumes, energies)
+    fit = {key: float(value) for key, value in fit_birch_murnaghan(volumes, energies).items()}
+    atoms = structure.get_ase()
+    lattice = conventional_lattice_at_volume(atoms.cell, atoms.get_scaled_positions(), atoms.numbers, fit['v0'])
+    near_edge = minimum_near_edge(volumes, fit['v0'])
+    warnings = [f'the minimum V0 = {fit["v0"]:.3f} Å³/atom lies in the outermost interval of the scan '
+                f'({volumes[0]:.3f}-{volumes[-1]:.3f} Å³/atom): centre it on a relaxed structure'] if near_edge else []
+    eos = {**fit, 'lattice_angstrom': lattice, 'a0_angstrom': lattice['a'], 'minimum_near_edge': near_edge,
+           'warnings': warnings}
     curve = orm.ArrayData()
     curve.set_array('volumes', volumes)
     curve.set_array('energies', energies)
-    return {'eos': orm.Dict({key: float(value) for key, value in fit.items()}), 'curve': curve}
+    return {'eos': orm.Dict(eos), 'curve': curve}
 
 
 @calcfunction
@@ -82,7 +92,8 @@ class EquationOfStateWorkChain(EngineMixin, WorkChain):
             if_(cls.should_relax)(cls.run_relax, cls.inspect_relax),
             cls.setup, while_(cls.should_scan)(cls.run_scan, cls.fit), cls.results,
         )
-        spec.output('eos', valid_type=orm.Dict, help='v0 (Å³/atom), e0 (eV/atom), b0 (GPa), b0_prime, residual.')
+        spec.output('eos', valid_type=orm.Dict, help='v0 (Å³/atom), e0 (eV/atom), b0 (GPa), b0_prime, residual, '
+                    'lattice at V0 (a0_angstrom), minimum_near_edge and warnings.')
         spec.output('curve', valid_type=orm.ArrayData, help='Volumes (Å³/atom) and energies (eV/atom) of the scan.')
         spec.output('frames', valid_type=orm.Data, help='The evaluated cells of the final scan (`mlip.dataset`).')
         spec.exit_code(510, 'ERROR_FIT_FAILED', message='The Birch-Murnaghan fit failed: {reason}')
@@ -106,15 +117,18 @@ class EquationOfStateWorkChain(EngineMixin, WorkChain):
         frames, failure = self.engine_frames(self.ctx.scan, self.ctx.structures)
         if failure:
             return failure
-        try:
-            fitted = fit_equation_of_state(frames)
+        try:  # the pure fit first: a scan that does not bracket the minimum is re-centred, not an excepted node
+            fit_birch_murnaghan(*_volumes_energies(frames))
         except ValueError as exception:
             if self.ctx.scans > self.inputs.max_recentring.value:
                 return self.exit_codes.ERROR_FIT_FAILED.format(reason=str(exception))
             self.report(f'{exception}: re-centring the scan')
             self.ctx.centre = recentre_structure(self.ctx.centre, frames)
             return None
+        fitted = fit_equation_of_state(frames, self.ctx.centre)
         self.ctx.done = True
+        for warning in fitted['eos']['warnings']:
+            self.report(f'WARNING: {warning}')
         self.out('frames', frames)
         self.out('eos', fitted['eos'])
         self.out('curve', fitted['curve'])
@@ -122,4 +136,5 @@ class EquationOfStateWorkChain(EngineMixin, WorkChain):
 
     def results(self):
         eos = self.outputs['eos']
-        self.report(f'{self.engine}: V0 = {eos["v0"]:.3f} Å³/atom, B0 = {eos["b0_gpa"]:.1f} GPa')
+        self.report(f'{self.engine}: V0 = {eos["v0"]:.3f} Å³/atom (a0 = {eos["a0_angstrom"]:.4f} Å), '
+                    f'B0 = {eos["b0_gpa"]:.1f} GPa')
