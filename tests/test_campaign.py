@@ -113,6 +113,12 @@ def test_summary_counts_and_reports(campaign_run):
     assert summary['test']['forces_rmse_mev_per_a'] == results['test_metrics']['forces_mev_per_a']['rmse']
     assert set(summary['validation']) == {'silicon', 'germanium'}
     reports = '\n'.join(log.message for log in orm.Log.collection.get_logs_for(node))
+    # volume change 0 is also the middle point of the fast validation's 5-point EOS scan: in sample, and said so
+    assert summary['warnings'] == [
+        f'class `{label}`: the sampled volume changes [0.0] are points of the validation EOS scan of `{name}` '
+        '(+-6 %, 5 points): its EOS check is in sample; sample volumes off that grid (docs/campaigns.md)'
+        for label, name in (('silicon', 'si'), ('germanium', 'ge'))]
+    assert 'WARNING: class `silicon`: the sampled volume changes [0.0]' in reports
     for line in ('class `silicon`: 6 cells sampled from si', 'labeling `germanium`: DftLabelingWorkChain<',
                  'training from scratch: TrainingWorkChain<', 'validation `silicon`:', 'campaign `si_ge_test` done'):
         assert line in reports, reports

@@ -25,6 +25,17 @@ EV_PER_A3_TO_GPA = 160.2176634
 MIN_EOS_POINTS = 5
 
 
+def scan_volume_strains(volume_range: float, n_points: int) -> list[float]:
+    """The relative volume changes of an EOS scan: ``n_points`` evenly over [-volume_range, +volume_range]."""
+    return [float(strain) for strain in np.linspace(-volume_range, volume_range, n_points)]
+
+
+def in_sample_volume_strains(sampled, volume_range: float, n_points: int, tolerance: float = 1e-4) -> list[float]:
+    """The sampled relative volume changes that are points of the EOS scan: labels there put the EOS check in sample."""
+    scan = scan_volume_strains(volume_range, n_points)
+    return [float(strain) for strain in sampled if any(abs(strain - point) <= tolerance for point in scan)]
+
+
 def birch_murnaghan_energy(volume, e0, v0, b0, b0_prime):
     """3rd-order Birch-Murnaghan energy ``E(V)``.
 

@@ -152,11 +152,11 @@ def mace_parameters_problem(parameters: dict) -> str | None:
     return None
 
 
-def _non_isolated(dataset) -> int:
+def non_isolated_frames(dataset) -> int:
     return dataset.n_frames - (dataset.config_types or {}).get(ISOLATED_ATOM, 0)
 
 
-def _isolated_elements(dataset) -> set[str]:
+def isolated_elements(dataset) -> set[str]:
     """Elements with an IsolatedAtom frame in the dataset (single-atom frames of that config type)."""
     import numpy as np
     from ase.data import chemical_symbols
@@ -187,7 +187,7 @@ def e0s_choice(train, e0s=None, parameters: dict | None = None) -> tuple[str, st
         return 'input', str(values)
     if 'E0s' in parameters:
         return 'parameters', None
-    if train.elements and set(train.elements) <= _isolated_elements(train):
+    if train.elements and set(train.elements) <= isolated_elements(train):
         return 'isolated_atoms', None
     return 'average', 'average'
 
@@ -217,15 +217,15 @@ def validate_inputs(inputs, _):  # noqa: C901, PLR0911, PLR0912  (one list of in
     e0s = inputs.get('e0s')
     mode = finetune.value if finetune is not None else ('naive' if foundation is not None else None)
 
-    if _non_isolated(train) == 0:
+    if non_isolated_frames(train) == 0:
         return 'the train dataset holds only IsolatedAtom frames: there is nothing to fit'
     for key in ('valid', 'test'):
         dataset = inputs.get(key)
-        if dataset is not None and _non_isolated(dataset) == 0:
+        if dataset is not None and non_isolated_frames(dataset) == 0:
             return f'the {key} dataset holds only IsolatedAtom frames (they are left out of {key}.xyz)'
 
     batch_size = parameters.get('batch_size', 10)
-    n_train = _non_isolated(train)
+    n_train = non_isolated_frames(train)
     if 'valid' not in inputs:
         n_train = int(n_train * (1.0 - float(parameters.get('valid_fraction', 0.1))))
     if isinstance(batch_size, int) and batch_size > n_train:
@@ -243,7 +243,7 @@ def validate_inputs(inputs, _):  # noqa: C901, PLR0911, PLR0912  (one list of in
         if missing:
             return f'e0s has no energy for {", ".join(missing)}, which the train dataset contains'
     elif 'E0s' not in parameters:
-        isolated = _isolated_elements(train)
+        isolated = isolated_elements(train)
         if isolated and not set(train.elements) <= isolated:
             missing = sorted(set(train.elements) - isolated)
             return (f'the train dataset has IsolatedAtom frames for {", ".join(sorted(isolated))} but not for '
@@ -292,7 +292,7 @@ def validate_inputs(inputs, _):  # noqa: C901, PLR0911, PLR0912  (one list of in
                     f'foundation model {foundation.pk} has only {", ".join(foundation.elements)}: use naive fine-tuning')
         if e0s is None and str(parameters.get('E0s', '')).lower() == 'average':
             return 'multihead fine-tuning cannot use E0s=average (mace refuses it): give `e0s` or IsolatedAtom frames'
-        if e0s is None and 'E0s' not in parameters and not set(train.elements) <= _isolated_elements(train):
+        if e0s is None and 'E0s' not in parameters and not set(train.elements) <= isolated_elements(train):
             return ('multihead fine-tuning cannot use average E0s (mace refuses it): give the `e0s` input, label the '
                     'isolated atoms, or set E0s to `foundation` in parameters')
     return None

@@ -574,11 +574,6 @@ def profile_problems(campaign: dict, filename: str = '<campaign>') -> list[str]:
 
 def load_foundation_model(identifier: str):
     """The mlip.model named by pk, UUID, label or sha256 prefix (as ``aiida-mlip model show``), or a ValueError."""
-    import click
+    from aiida_mlip.data.model import MlipModel
 
-    from aiida_mlip.cli.model import _load_model
-
-    try:
-        return _load_model(identifier)
-    except click.ClickException as exception:
-        raise ValueError(exception.message) from None
+    return MlipModel.find(identifier)

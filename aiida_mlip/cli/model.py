@@ -11,27 +11,14 @@ def model():
     """MACE model files stored as `mlip.model` nodes (sha256-pinned)."""
 
 
-def _load_model(identifier: str):
-    from aiida import orm
-    from aiida.common.exceptions import MultipleObjectsError, NotExistent
-
+def load_model(identifier: str):
+    """The model named by pk, UUID, label or sha256 prefix; BadInput (exit 2) when none or several match."""
     from aiida_mlip.data.model import MlipModel
 
     try:
-        node = orm.load_node(identifier)
-    except (NotExistent, MultipleObjectsError, ValueError):
-        node = None
-        if len(identifier) >= 8:  # a sha256 prefix
-            query = orm.QueryBuilder().append(MlipModel, filters={'attributes.sha256': {'like': f'{identifier}%'}})
-            if query.count() == 1:
-                node = query.one()[0]
-        if node is None:
-            query = orm.QueryBuilder().append(MlipModel, filters={'label': identifier})
-            if query.count() == 1:
-                node = query.one()[0]
-    if not isinstance(node, MlipModel):
-        raise BadInput(f'no single mlip.model node matches `{identifier}` (pk, UUID, label or sha256 prefix)')
-    return node
+        return MlipModel.find(identifier)
+    except ValueError as exception:
+        raise BadInput(str(exception)) from None
 
 
 @model.command('import')
@@ -132,7 +119,7 @@ def model_show(ctx, identifier, verify):
     load_profile_from_context(ctx)
     from aiida_mlip.data.model import ModelIntegrityError
 
-    node = _load_model(identifier)
+    node = load_model(identifier)
     click.echo(f'pk {node.pk}  uuid {node.uuid}  label `{node.label}`')
     for key, value in sorted(node.base.attributes.all.items()):
         click.echo(f'  {key:<16} {value}')

@@ -30,9 +30,9 @@ def _table(rows, headers) -> str:
 
 def _model(ctx, identifier: str):
     load_profile_from_context(ctx)
-    from aiida_mlip.cli.model import _load_model
+    from aiida_mlip.cli.model import load_model
 
-    return _load_model(identifier)
+    return load_model(identifier)
 
 
 def _short(values, limit: int = 40) -> str:

@@ -112,6 +112,27 @@ class MlipModel(orm.Data):
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
+    def find(cls, identifier: str) -> 'MlipModel':
+        """The one model named by pk, UUID, label or sha256 prefix (>= 8 characters); a ValueError otherwise."""
+        from aiida.common.exceptions import MultipleObjectsError, NotExistent
+
+        try:
+            node = orm.load_node(identifier)
+        except (NotExistent, MultipleObjectsError, ValueError):
+            node = None
+            if len(identifier) >= 8:  # a sha256 prefix
+                query = orm.QueryBuilder().append(cls, filters={'attributes.sha256': {'like': f'{identifier}%'}})
+                if query.count() == 1:
+                    node = query.one()[0]
+            if node is None:
+                query = orm.QueryBuilder().append(cls, filters={'label': identifier})
+                if query.count() == 1:
+                    node = query.one()[0]
+        if not isinstance(node, cls):
+            raise ValueError(f'no single mlip.model node matches `{identifier}` (pk, UUID, label or sha256 prefix)')
+        return node
+
+    @classmethod
     def from_file(cls, path, origin: str = 'imported', source: str | None = None, **metadata) -> 'MlipModel':
         """An unstored node from a MACE ``.model`` file on disk.
 

@@ -15,12 +15,13 @@ from aiida import orm
 from aiida.common import AttributeDict
 from aiida.engine import ToContext, WorkChain, if_
 
+from aiida_mlip.analysis.eos import in_sample_volume_strains
 from aiida_mlip.calculations.datasets import merge_datasets
 from aiida_mlip.calculations.sampling import make_supercell, rattle_structure, scale_volume, strain_structure
 from aiida_mlip.data.dataset import TrainingSet
 from aiida_mlip.data.model import MlipModel
 from aiida_mlip.workflows.checks import code_problem, elements_of
-from aiida_mlip.workflows.finetune import _key_errors
+from aiida_mlip.workflows.finetune import validation_key_errors
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain, family_problem
 from aiida_mlip.workflows.loop_helpers import test_errors
 from aiida_mlip.workflows.refinement import RefinementWorkChain
@@ -153,6 +154,24 @@ class CampaignWorkChain(WorkChain):
                     self.ctx.config_types[label][key] = config_type
             self.report(f'class `{label}`: {len(self.ctx.cells[label])} cells sampled from {", ".join(names)}')
         self.ctx.comparisons = {}
+        self.ctx.warnings = self._in_sample_warnings(campaign)
+        for warning in self.ctx.warnings:
+            self.report(f'WARNING: {warning}')
+
+    def _in_sample_warnings(self, campaign: dict) -> list[str]:
+        """Training on the validation's own cells makes its check in sample: say so (the EOS scan's volumes)."""
+        if 'validation' not in self.inputs or 'eos' not in self.inputs.validation.properties.get_list():
+            return []
+        span, points = self.inputs.validation.eos.volume_range.value, self.inputs.validation.eos.n_points.value
+        warnings = []
+        for label, names in campaign['classes'].items():
+            sampled = campaign['materials'][names[0]]['sampling'].get('volumes', [])
+            overlap = in_sample_volume_strains(sampled, span, points)
+            if overlap:
+                warnings.append(f'class `{label}`: the sampled volume changes {overlap} are points of the validation '
+                                f'EOS scan of `{names[0]}` (+-{100 * span:g} %, {points} points): its EOS check is '
+                                'in sample; sample volumes off that grid (docs/campaigns.md)')
+        return warnings
 
     def _sample_material(self, name: str, sampling: dict) -> dict:
         structure = self.inputs.structures[name]
@@ -413,7 +432,9 @@ class CampaignWorkChain(WorkChain):
         }
         if 'test_metrics' in self.ctx.training.outputs:
             summary['test'] = test_errors(self.ctx.training.outputs.test_metrics.get_dict())
-        summary['validation'] = {label: _key_errors(node.get_dict()) for label, node in self.ctx.comparisons.items()}
+        summary['validation'] = {label: validation_key_errors(node.get_dict())
+                                 for label, node in self.ctx.comparisons.items()}
+        summary['warnings'] = list(self.ctx.warnings)
         if 'refinement' in self.outputs:
             refinement = self.outputs['refinement'].get_dict()
             summary['refinement'] = {key: refinement.get(key) for key in

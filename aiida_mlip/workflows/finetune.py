@@ -118,13 +118,14 @@ def config_type_of(volume: float) -> str:
     return f'md_v{round(volume * 1000):+d}'
 
 
-def _key_errors(comparison: dict) -> dict:
+def validation_key_errors(comparison: dict) -> dict:
     """The headline numbers of a ValidationWorkChain comparison."""
     keys = {
-        'eos': ('v0_error_percent', 'b0_error_percent', 'b0_prime_error', 'model_failed'),
-        'elastic': ('bulk_modulus_error_percent', 'shear_modulus_error_percent', 'mae_gpa', 'model_failed'),
+        'eos': ('v0_error_percent', 'b0_error_percent', 'b0_prime_error', 'warnings', 'model_failed'),
+        'elastic': ('cij_error_percent', 'bulk_modulus_error_percent', 'shear_modulus_error_percent', 'mae_gpa',
+                    'ion_relaxation_mismatch', 'model_failed'),
         'phonons': ('mae_thz', 'dos_spearman', 'imaginary_mismatch', 'model_failed'),
-        'md_stability': ('unstable', 'reasons'),
+        'md_stability': ('unstable', 'reasons', 'drift_mev_per_atom_ps'),
     }
     result = {}
     for section, names in keys.items():
@@ -187,7 +188,7 @@ def compare_models(settings: orm.Dict, **results) -> orm.Dict:
         entry = {}
         key = f'{name}_validation'
         if key in results:
-            entry['validation'] = _key_errors(results[key].get_dict())
+            entry['validation'] = validation_key_errors(results[key].get_dict())
         elif name in settings.get('validation_errors', {}):
             entry['validation'] = {'passed': None, 'error': settings['validation_errors'][name]}
         comparison[name] = entry
@@ -707,7 +708,7 @@ class FineTuningWorkChain(ProtocolMixin, WorkChain):
             'dataset_uuid': self.ctx.dataset.uuid,
             'model_uuid': self.ctx.models['member_0'].uuid,
             'validation_uuid': node.uuid,
-            'validation': _key_errors(comparison),
+            'validation': validation_key_errors(comparison),
         }
         if 'test_metrics' in self.ctx.finetune.outputs:
             summary['test'] = test_errors(self.ctx.finetune.outputs.test_metrics.get_dict())

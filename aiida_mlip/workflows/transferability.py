@@ -26,7 +26,7 @@ from ase.data import atomic_numbers
 
 from aiida_mlip.analysis.transferability import committee_errors, transferability_summary
 from aiida_mlip.calculations.datasets import merge_datasets, split_dataset, split_indices
-from aiida_mlip.calculations.mace_train import _isolated_elements, _non_isolated
+from aiida_mlip.calculations.mace_train import isolated_elements, non_isolated_frames
 from aiida_mlip.data.dataset import ISOLATED_ATOM, TrainingSet, fingerprint_differences
 from aiida_mlip.data.model import MlipModel
 from aiida_mlip.protocols import ProtocolMixin
@@ -113,7 +113,7 @@ def _training_problem(inputs, datasets, pools) -> str | None:
     element_sets = {frozenset(dataset.elements) for dataset in datasets.values()}
     if len(element_sets) > 1:
         study = set().union(*element_sets)
-        isolated = set().union(*(_isolated_elements(dataset) for dataset in datasets.values()))
+        isolated = set().union(*(isolated_elements(dataset) for dataset in datasets.values()))
         if study - isolated:
             return (f'the classes differ in elements but no class has an IsolatedAtom frame of '
                     f'{", ".join(sorted(study - isolated))}: every model is trained with the E0 of every element of '
@@ -184,10 +184,10 @@ def validate_inputs(inputs, _):  # noqa: PLR0911  (one list of independent check
         return f'test_fraction must be in (0, 1), got {fraction}'
     pools = {}
     for name, dataset in datasets.items():
-        n_test, pools[name] = split_sizes(_non_isolated(dataset), fraction)
+        n_test, pools[name] = split_sizes(non_isolated_frames(dataset), fraction)
         if not n_test or not pools[name]:
-            return (f'class `{name}` has {_non_isolated(dataset)} frame(s) besides IsolatedAtom ones: too few for a '
-                    f'test set (test_fraction {fraction}) and a training pool')
+            return (f'class `{name}` has {non_isolated_frames(dataset)} frame(s) besides IsolatedAtom ones: too few '
+                    f'for a test set (test_fraction {fraction}) and a training pool')
     models, training = inputs.get('models'), inputs.get('training')
     if models and training:
         return 'give either `models` (evaluate them) or `training` (train them), not both'
@@ -424,10 +424,10 @@ class TransferabilityWorkChain(ProtocolMixin, WorkChain):
         """The pools of ``classes`` plus the IsolatedAtom frames of elements they lack (from the other classes)."""
         pools = {name: self.ctx.pools[name] for name in classes}
         study = set().union(*(dataset.elements for dataset in self.inputs.datasets.values()))
-        known = set().union(*(_isolated_elements(pool) for pool in pools.values()))
+        known = set().union(*(isolated_elements(pool) for pool in pools.values()))
         parts = dict(pools)
         for name in self.ctx.classes:
-            wanted = sorted((study - known) & _isolated_elements(self.ctx.pools[name]))
+            wanted = sorted((study - known) & isolated_elements(self.ctx.pools[name]))
             if name not in classes and wanted:
                 parts[f'isolated_{name}'] = isolated_atom_frames(
                     self.ctx.pools[name], orm.List(wanted), metadata={'call_link_label': f'isolated_{name}_for_{label}'})

@@ -121,3 +121,12 @@ def test_conventional_lattice_at_volume_keeps_the_shape():
     v0 = atoms.get_volume() / len(atoms) * 1.1 ** 3  # every length 10 % longer
     lattice = conventional_lattice_at_volume(atoms.cell, atoms.get_scaled_positions(), atoms.numbers, v0)
     assert lattice['a'] == pytest.approx(3.52, rel=1e-6) and lattice['c'] == pytest.approx(5.72, rel=1e-6)
+
+
+def test_sampled_volumes_on_the_eos_scan_are_in_sample():
+    from aiida_mlip.analysis.eos import in_sample_volume_strains, scan_volume_strains
+
+    assert scan_volume_strains(0.06, 7) == pytest.approx([-0.06, -0.04, -0.02, 0.0, 0.02, 0.04, 0.06])
+    # the README campaign's volumes: three of them are points of the default +-6 %, 7-point scan
+    assert in_sample_volume_strains([-0.08, -0.04, 0.0, 0.04, 0.08], 0.06, 7) == [-0.04, 0.0, 0.04]
+    assert in_sample_volume_strains([-0.09, -0.05, -0.03, -0.01, 0.01, 0.03, 0.05, 0.09], 0.06, 7) == []

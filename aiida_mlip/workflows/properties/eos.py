@@ -13,7 +13,8 @@ from aiida import orm
 from aiida.engine import ToContext, WorkChain, calcfunction, if_, while_
 
 from aiida_mlip.analysis.eos import (
-    MIN_EOS_POINTS, conventional_lattice_at_volume, fit_birch_murnaghan, minimum_near_edge, suggest_scan_centre,
+    MIN_EOS_POINTS, conventional_lattice_at_volume, fit_birch_murnaghan, minimum_near_edge, scan_volume_strains,
+    suggest_scan_centre,
 )
 from aiida_mlip.calculations.sampling import scale_volume, volume_scaled_copies
 from aiida_mlip.workflows.checks import structure_problem
@@ -108,7 +109,7 @@ class EquationOfStateWorkChain(EngineMixin, WorkChain):
 
     def run_scan(self):
         span, points = self.inputs.volume_range.value, self.inputs.n_points.value
-        strains = orm.List([float(s) for s in np.linspace(-span, span, points)])
+        strains = orm.List(scan_volume_strains(span, points))
         self.ctx.structures = dict(scale_volume(self.ctx.centre, strains))
         self.ctx.scans += 1
         return ToContext(scan=self.submit_engine(self.ctx.structures, f'volume_scan_{self.ctx.scans}'))
