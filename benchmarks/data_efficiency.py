@@ -9,11 +9,11 @@ Both parts are in-process (no AiiDA processes: the question is the data, not the
 ASE's EMT as the oracle standing in for DFT: labeling the few hundred frames with pw.x would take hours on this
 machine. The label *counts* are what DFT would cost; the labels themselves are not DFT.
 
-**Targets fixed before the runs** (from DOMAIN.md, not from any learning curve of this script):
+**Targets fixed before the runs** (from docs/sources.md, not from any learning curve of this script):
 
-* (a) 75 meV/Å, the middle of DOMAIN.md's "usable" force error band (50-100 meV/Å): the tiny 8-atom Cu-Au models
+* (a) 75 meV/Å, the middle of docs/sources.md's "usable" force error band (50-100 meV/Å): the tiny 8-atom Cu-Au models
   here do not reach the "good" band. The band edges 50 and 100 meV/Å are reported as secondary targets.
-* (b) 20 meV/Å, the middle of DOMAIN.md's "good model" band (10-30 meV/Å). Edges 10 and 30 meV/Å: secondary.
+* (b) 20 meV/Å, the middle of docs/sources.md's "good model" band (10-30 meV/Å). Edges 10 and 30 meV/Å: secondary.
 
 **Replicates.** Every point of every learning curve is trained ``--replicates`` times (default 3) with different
 seeds (label order / seed set, model seed); the tables give mean ± sample standard deviation. Labels needed are
@@ -446,7 +446,7 @@ def part_a(argv=None) -> dict:
 
 # ==== part (b): fine-tuning a foundation vs training from scratch ===================================================
 # Question: how many labels does fine-tuning a foundation model need to reach a force RMSE target on a fixed test
-# set, compared with training the same architecture from scratch? Goal (DOMAIN.md: ~200 vs ~2500 labels, an order
+# set, compared with training the same architecture from scratch? Goal (docs/sources.md: ~200 vs ~2500 labels, an order
 # of magnitude): fine-tuning needs at most 1/5 of the labels.
 #
 # * Oracle ("DFT") of the target: ASE's EMT for fcc Cu, 8-atom cells, 300/800/1300 K x -6/0/+6 % volume.

@@ -70,9 +70,9 @@ def test_protocols_cite_the_domain_thresholds(mlip_codes, pw_code, pseudo_family
     builder = ActiveLearningWorkChain.get_builder_from_protocol(
         hand_made_dataset(), [si2_cell()], mlip_codes['mace_train'], mlip_codes['evaluate'], mlip_codes['md'],
         pw_code, protocol='balanced', pseudo_family=TEST_FAMILY)
-    assert builder.training.committee_size.value == 4                  # DOMAIN.md: committee of ~4
-    assert builder.trust_window.get_list() == [0.20, 0.60]             # DOMAIN.md: flag at 0.20 eV/Å
-    assert builder.energy_threshold.value == pytest.approx(0.015)      # DOMAIN.md: 0.015 eV/atom
+    assert builder.training.committee_size.value == 4                  # docs/sources.md: committee of ~4
+    assert builder.trust_window.get_list() == [0.20, 0.60]             # docs/sources.md: flag at 0.20 eV/Å
+    assert builder.energy_threshold.value == pytest.approx(0.015)      # docs/sources.md: 0.015 eV/atom
     assert builder.exploration.strains.get_list() == [-0.05, 0.0, 0.05]
     assert builder.exploration.temperatures.get_list() == [300.0, 600.0, 900.0]
     assert 'structures' not in builder.labeling

@@ -148,7 +148,7 @@ def test_stable_model_si8_300k(md_code, mlip_models, si8):
     assert entry['temperature_rel_deviation'] < 0.5
     assert entry['nve']['n_steps_done'] == 60
     drift = stability['drift_mev_per_atom_per_ps']
-    assert drift is not None and abs(drift) < 0.1, drift  # DOMAIN.md: < 0.1-1 meV/atom/ps
+    assert drift is not None and abs(drift) < 0.1, drift  # docs/sources.md: < 0.1-1 meV/atom/ps
     assert stability['thresholds']['drift_mev_per_atom_per_ps'] == 1.0
     print(f'Si8 300 K: NVE drift {drift:.5f} meV/atom/ps, T deviation {entry["temperature_rel_deviation"]:.2f}, '
           f'dmin {entry["min_distance_angstrom"]:.3f} A')

@@ -1,6 +1,6 @@
 """Candidate selection and uncertainty calibration for active learning by committee (pure numpy/ASE, no AiiDA).
 
-The loop of :class:`aiida_mlip.workflows.active_learning.ActiveLearningWorkChain` (DOMAIN.md, "Active learning by
+The loop of :class:`aiida_mlip.workflows.active_learning.ActiveLearningWorkChain` (docs/sources.md, "Active learning by
 committee") explores with MD driven by a committee, and every saved frame carries the committee's **max force
 deviation** ``max_i |sigma_F,i|`` (eV/Å; the largest per-atom norm of the standard deviation of the members'
 forces). This module decides which frames go to DFT:
@@ -10,7 +10,7 @@ forces). This module decides which frames go to DFT:
    members disagree by that much the MD has left the region where the model is meaningful, the geometry is usually
    unphysical, and a DFT label of it teaches nothing useful (it may not even converge). Frames with a non-finite
    deviation (a blown-up trajectory) are ``invalid``. Optionally an energy criterion flags frames below ``lo`` whose
-   committee energy standard deviation per atom exceeds ``energy_threshold`` (DOMAIN.md: 0.015 eV/atom).
+   committee energy standard deviation per atom exceeds ``energy_threshold`` (docs/sources.md: 0.015 eV/atom).
 2. **Diversity** (:func:`farthest_point_sampling` on :func:`frame_descriptors`): consecutive MD frames are
    correlated, so the in-window frames are thinned to ``max_candidates`` by greedy farthest-point sampling in a
    simple structural descriptor, the Gaussian-smeared pair-distance distribution per atom (one channel per element
@@ -24,7 +24,7 @@ forces). This module decides which frames go to DFT:
    a committee whose MD runs away above ``hi`` is not converged either. With no frame in the window but many above
    it the loop cannot progress (``stalled``).
 
-:func:`calibration_summary` checks the committee afterwards on the freshly labeled frames (DOMAIN.md: ensembles can
+:func:`calibration_summary` checks the committee afterwards on the freshly labeled frames (docs/sources.md: ensembles can
 be over-confident out of distribution): Spearman rank correlation between the deviation and the true max force
 error, and a binned calibration curve.
 """

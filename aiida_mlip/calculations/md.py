@@ -33,7 +33,7 @@ TRAJECTORY_FILENAME = 'md.extxyz'
 ENGINE_MODULE = 'aiida_mlip.engine.md'
 
 ENSEMBLES = ('nvt', 'nve')
-#: Largest accepted timestep (fs). DOMAIN.md: 0.5-1 fs is customary, up to 2 fs; beyond ~5 fs no atomistic MD of
+#: Largest accepted timestep (fs). docs/sources.md: 0.5-1 fs is customary, up to 2 fs; beyond ~5 fs no atomistic MD of
 #: anything but the heaviest elements integrates stably, so a larger value is taken for a unit mistake.
 MAX_TIMESTEP_FS = 5.0
 #: Default engine stop distance (Å): closer atoms end the trajectory as ``stopped_early``.
@@ -164,7 +164,7 @@ class MlipMdCalculation(EngineCalcJob):
                    help='Target temperatures in K (> 0), one run per temperature and starting structure, in order.')
         spec.input('steps', valid_type=orm.Int, help='MD steps per run (>= 1).')
         spec.input('timestep_fs', valid_type=orm.Float, default=lambda: orm.Float(1.0),
-                   help='Timestep in fs, 0 < dt <= 5 (DOMAIN.md: 0.5-1 fs is customary, up to 2 fs).')
+                   help='Timestep in fs, 0 < dt <= 5 (docs/sources.md: 0.5-1 fs is customary, up to 2 fs).')
         spec.input('interval', valid_type=orm.Int, default=lambda: orm.Int(10),
                    help='Save a frame every `interval` steps (and step 0, and the last frame of a stopped run).')
         spec.input('seed', valid_type=orm.Int, default=lambda: orm.Int(1),

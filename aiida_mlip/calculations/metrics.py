@@ -56,7 +56,7 @@ def prediction_metrics(reference, energies: orm.ArrayData, forces: orm.ArrayData
     """Score an MlipEvaluateCalculation run on ``reference`` (an ``mlip.dataset``, rows in frame order).
 
     Gives the committee-mean errors, each member's errors and, for committees, how well the committee
-    deviation ranks the true force error (Spearman over frames; DOMAIN.md: check calibration).
+    deviation ranks the true force error (Spearman over frames; docs/sources.md: check calibration).
     """
     frames = reference.to_ase()
     per_model_energies = energies.get_array('energies')

@@ -27,7 +27,7 @@ SUMMARY_FILENAME = 'relax.json'
 RELAXED_FILENAME = 'relaxed.extxyz'
 ENGINE_MODULE = 'aiida_mlip.engine.relax'
 
-#: Default force threshold (eV/Å); DOMAIN.md: fmax <= 0.001-0.005 eV/Å before phonons.
+#: Default force threshold (eV/Å); docs/sources.md: fmax <= 0.001-0.005 eV/Å before phonons.
 DEFAULT_FMAX = 0.005
 DEFAULT_STEPS = 500
 
@@ -80,7 +80,7 @@ class MlipRelaxCalculation(EngineCalcJob):
                              help='The structures to relax, by key (relaxed in sorted-key order).')
         spec.input('fmax', valid_type=orm.Float, default=lambda: orm.Float(DEFAULT_FMAX),
                    help='Force threshold in eV/Å (with the cell free also on the cell forces of FrechetCellFilter); '
-                        'DOMAIN.md: 0.001-0.005 eV/Å before phonons.')
+                        'docs/sources.md: 0.001-0.005 eV/Å before phonons.')
         spec.input('steps', valid_type=orm.Int, default=lambda: orm.Int(DEFAULT_STEPS),
                    help='Maximum optimiser (ASE BFGS) steps per structure.')
         spec.input('relax_cell', valid_type=orm.Bool, default=lambda: orm.Bool(True),

@@ -36,7 +36,7 @@ except ImportError:  # executed as a plain script copied next to evaluate.py and
     import evaluate as core  # type: ignore[no-redef]
     import md as md_engine  # type: ignore[no-redef]
 
-#: Default force threshold (eV/Å): DOMAIN.md, relax to fmax <= 0.001-0.005 eV/Å before phonons.
+#: Default force threshold (eV/Å): docs/sources.md, relax to fmax <= 0.001-0.005 eV/Å before phonons.
 DEFAULT_FMAX = 0.005
 DEFAULT_STEPS = 500
 

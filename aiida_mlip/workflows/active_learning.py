@@ -1,4 +1,4 @@
-"""``mlip.active_learning``: active learning by committee (DOMAIN.md, "Active learning by committee").
+"""``mlip.active_learning``: active learning by committee (docs/sources.md, "Active learning by committee").
 
 One iteration composes the existing building blocks, every step an AiiDA process so that each new label can be
 traced back to the MD frame and the committee that asked for it::
@@ -47,7 +47,7 @@ from aiida_mlip.workflows.training import validate_inputs as validate_training_i
 TrainingSet = DataFactory('mlip.dataset')
 MlipModel = DataFactory('mlip.model')
 
-#: DOMAIN.md: committees of ~4; with fewer than 3 members a standard deviation is too noisy to rank frames.
+#: docs/sources.md: committees of ~4; with fewer than 3 members a standard deviation is too noisy to rank frames.
 MIN_COMMITTEE_SIZE = 3
 #: Labeling inputs the workflow sets itself (keys only known at run time; the seed data already hold any E0s).
 LABELING_PORTS_SET_BY_WORKFLOW = ('structures', 'config_types', 'structure_overrides', 'isolated_atoms',
@@ -77,7 +77,7 @@ def validate_training(value, _=None):
     size = int(value['committee_size'].value)
     if size < MIN_COMMITTEE_SIZE:
         return (f'training.committee_size is {size}: active learning by committee needs committee_size >= '
-                f'{MIN_COMMITTEE_SIZE} (DOMAIN.md: ~4) to estimate a deviation per frame')
+                f'{MIN_COMMITTEE_SIZE} (docs/sources.md: ~4) to estimate a deviation per frame')
     return None
 
 
@@ -364,7 +364,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
     def define(cls, spec):
         super().define(spec)
         spec.input('dataset', valid_type=TrainingSet,
-                   help='Seed labeled dataset (DOMAIN.md: 50-100 frames), labeled with the same DFT settings as '
+                   help='Seed labeled dataset (docs/sources.md: 50-100 frames), labeled with the same DFT settings as '
                         '`labeling`.')
         spec.input_namespace('structures', valid_type=orm.StructureData, dynamic=True, validator=validate_structures,
                              help='Starting cells of the exploration MD, by key.')
@@ -394,9 +394,9 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         )
         spec.input('trust_window', valid_type=orm.List,
                    help='[lo, hi] of the max force deviation in eV/Å, 0 <= lo < hi: frames inside are labeled, '
-                        'below lo already known, above hi discarded as unphysical (DOMAIN.md flag: 0.20 eV/Å).')
+                        'below lo already known, above hi discarded as unphysical (docs/sources.md flag: 0.20 eV/Å).')
         spec.input('energy_threshold', valid_type=orm.Float, required=False,
-                   help='Also label frames below lo whose committee energy std exceeds this (eV/atom; DOMAIN.md: '
+                   help='Also label frames below lo whose committee energy std exceeds this (eV/atom; docs/sources.md: '
                         '0.015).')
         spec.input('max_candidates_per_iteration', valid_type=orm.Int, default=lambda: orm.Int(20),
                    help='At most this many frames (farthest-point sampled) are labeled per iteration.')

@@ -1,6 +1,6 @@
 """``mlip.finetune``: the foundation fine-tuning loop, from a foundation model to a validated fine-tuned model.
 
-One iteration (DOMAIN.md, "Foundation fine-tuning loop"):
+One iteration (docs/sources.md, "Foundation fine-tuning loop"):
 
 1. short NVT MD at every volume x temperature in ONE ``MlipMdCalculation`` (the foundation in iteration 1, the
    latest fine-tuned model afterwards);
@@ -339,7 +339,7 @@ class FineTuningWorkChain(ProtocolMixin, WorkChain):
                    help='A frame is saved every `md_interval` steps; saved frames (step > 0) are the candidates.')
         spec.input('md_timestep_fs', valid_type=orm.Float, default=lambda: orm.Float(1.0), help='MD timestep (fs).')
         spec.input('frames_per_volume', valid_type=orm.Int, default=lambda: orm.Int(10),
-                   help='Frames labeled per volume and iteration (DOMAIN.md: ~10), pooled over the temperatures.')
+                   help='Frames labeled per volume and iteration (docs/sources.md: ~10), pooled over the temperatures.')
         spec.input('selection', valid_type=orm.Str, default=lambda: orm.Str('random'),
                    help='`random` (seeded) or `diverse` (seeded farthest-point sampling of the pair-distance '
                         'descriptor of aiida_mlip.analysis.selection).')
@@ -613,7 +613,7 @@ class FineTuningWorkChain(ProtocolMixin, WorkChain):
             mace.finetune = self.inputs.finetune_mode
             if 'replay_dataset' in self.inputs:
                 mace.replay_dataset = self.inputs.replay_dataset
-            # QE labels and the foundation's references differ by a per-element offset (DOMAIN.md, cautions): without
+            # QE labels and the foundation's references differ by a per-element offset (docs/sources.md, "Foundation fine-tuning loop"): without
             # isolated-atom labels or explicit E0s, mace estimates the E0 shift from the foundation's predictions.
             # mace-torch 0.3.16 cannot do that for a one-element foundation (its E0 table squeezes to a 0-dim tensor:
             # IndexError), which then keeps mace's default (least-squares `average` E0s of the labels).

@@ -21,7 +21,7 @@ from aiida_mlip.data.dataset import DEFAULT_CONFIG_TYPE, ISOLATED_ATOM
 from aiida_mlip.protocols import ProtocolMixin
 from aiida_mlip.workflows.checks import code_problem, elements_of, structures_problem
 
-#: Net force per atom above this (eV/Å) is reported as a warning: it signals numerical noise (DOMAIN.md).
+#: Net force per atom above this (eV/Å) is reported as a warning: it signals numerical noise (docs/sources.md).
 NET_FORCE_WARNING = 1e-3
 
 #: What a per-structure override may change: never cutoffs, pseudopotentials or k-points, which must be equal

@@ -60,13 +60,13 @@ class TrainingWorkChain(ProtocolMixin, WorkChain):
         spec.input('dataset', valid_type=TrainingSet, help='All labeled frames; they are split here (seeded).')
         spec.input('split_fractions', valid_type=orm.Dict,
                    default=lambda: orm.Dict({'train': 0.8, 'valid': 0.1, 'test': 0.1}),
-                   help='Fractions of train/valid/test (DOMAIN.md: 80/10/10). IsolatedAtom frames always train.')
+                   help='Fractions of train/valid/test (docs/sources.md: 80/10/10). IsolatedAtom frames always train.')
         spec.input('split_group_by', valid_type=orm.Str, required=False,
                    help='Keep whole groups (`config_type` or `composition`) in one split.')
         spec.input('seed', valid_type=orm.Int, default=lambda: orm.Int(1),
                    help='Seed of the split; committee member i trains with seed + i.')
         spec.input('committee_size', valid_type=orm.Int, default=lambda: orm.Int(1),
-                   help='Number of models trained with different seeds (DOMAIN.md: ~4 for active learning).')
+                   help='Number of models trained with different seeds (docs/sources.md: ~4 for active learning).')
         spec.expose_inputs(MaceTrainBaseWorkChain, namespace='training',
                            exclude=('mace.train', 'mace.valid', 'mace.test'),
                            namespace_options={'help': 'Inputs of each member\'s MaceTrainBaseWorkChain.'})

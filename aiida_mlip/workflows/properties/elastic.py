@@ -34,7 +34,7 @@ from aiida_mlip.workflows.properties.engine import EngineMixin, relax_code_probl
 #: eV/Å³ -> GPa
 EV_PER_A3_TO_GPA = 160.2176634
 
-#: Largest accepted |strain|: beyond a few % the response is no longer linear (DOMAIN.md: 0.5-1% keeps C44
+#: Largest accepted |strain|: beyond a few % the response is no longer linear (docs/sources.md: 0.5-1% keeps C44
 #: linear, 6% shear over-estimates it).
 MAX_STRAIN = 0.05
 
@@ -255,7 +255,7 @@ def strain_magnitudes_problem(magnitudes) -> str | None:
     if any(not np.isfinite(m) or m == 0 for m in values):
         return f'strain_magnitudes must be finite and non-zero (the reference cell is added anyway), got {values}'
     if any(abs(m) > MAX_STRAIN for m in values):
-        return (f'strain_magnitudes must satisfy |eps| <= {MAX_STRAIN} (linear regime; DOMAIN.md recommends '
+        return (f'strain_magnitudes must satisfy |eps| <= {MAX_STRAIN} (linear regime; docs/sources.md recommends '
                 f'0.005-0.01), got {values}')
     if len(values) > MAX_MAGNITUDES:
         return f'at most {MAX_MAGNITUDES} strain_magnitudes (6 cells each), got {len(values)}'
@@ -298,7 +298,7 @@ class ElasticWorkChain(EngineMixin, WorkChain):
         spec.input('strain_magnitudes', valid_type=orm.List,
                    default=lambda: orm.List([-0.01, -0.005, 0.005, 0.01]),
                    help='Strains applied to each Voigt component (shears as engineering strain 2 eps_ij); both '
-                        f'signs, non-zero, |eps| <= {MAX_STRAIN} (DOMAIN.md: 0.5-1% keeps C44 linear).')
+                        f'signs, non-zero, |eps| <= {MAX_STRAIN} (docs/sources.md: 0.5-1% keeps C44 linear).')
         spec.input('crystal_system', valid_type=orm.Str, required=False,
                    help=f'One of {", ".join(CRYSTAL_SYSTEMS)}; default: detected with spglib (symprec {SYMPREC} Å). '
                         'Decides the symmetry projection of C.')

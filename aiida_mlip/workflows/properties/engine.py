@@ -121,7 +121,7 @@ class EngineMixin:
                    help='With `relax`: relax the cell too (DFT vc-relax, MLIP FrechetCellFilter); False: positions '
                         'only.')
         spec.input('relax_fmax', valid_type=orm.Float, default=lambda: orm.Float(0.005),
-                   help='With `relax`: force threshold in eV/Å (DOMAIN.md: 0.001-0.005 before phonons); for DFT it '
+                   help='With `relax`: force threshold in eV/Å (docs/sources.md: 0.001-0.005 before phonons); for DFT it '
                         'becomes forc_conv_thr in Ry/Bohr (the cell uses pw.x press_conv_thr, 0.5 kbar by default).')
         spec.input('relax_steps', valid_type=orm.Int, default=lambda: orm.Int(500),
                    help='With `relax` and the mlip engine: maximum optimiser steps (ASE BFGS); DFT: pw.x nstep.')

@@ -82,7 +82,7 @@ class EquationOfStateWorkChain(EngineMixin, WorkChain):
         super().define(spec)
         spec.input('structure', valid_type=orm.StructureData, help='The structure at (about) its equilibrium.')
         spec.input('volume_range', valid_type=orm.Float, default=lambda: orm.Float(0.06),
-                   help='Relative half-width of the volume scan: V0*(1-r) ... V0*(1+r) (DOMAIN.md: 6-10%).')
+                   help='Relative half-width of the volume scan: V0*(1-r) ... V0*(1+r) (docs/sources.md: 6-10%).')
         spec.input('n_points', valid_type=orm.Int, default=lambda: orm.Int(7), help='Number of volumes (>= 5).')
         spec.input('max_recentring', valid_type=orm.Int, default=lambda: orm.Int(2),
                    help='How often the scan may be re-centred when its minimum is not bracketed.')

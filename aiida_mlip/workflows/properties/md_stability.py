@@ -1,7 +1,7 @@
 """``mlip.md_stability``: is an MLIP stable in molecular dynamics? NVT at several temperatures + an NVE drift run.
 
 A model can have small test errors and still fail in MD: atoms collapse onto each other (holes at short range),
-the energy is not conserved (non-smooth or non-conservative forces), or the temperature runs away. DOMAIN.md asks
+the energy is not conserved (non-smooth or non-conservative forces), or the temperature runs away. docs/sources.md asks
 for a timestep of 0.5-1 fs, an NVE energy drift below 0.1-1 meV/atom/ps and no collapse or explosion. This
 workflow measures exactly that, with the MLIP engine (model or committee + ``mlip.md`` code):
 
@@ -311,7 +311,7 @@ class MdStabilityWorkChain(WorkChain):
         spec.input('nve_steps', valid_type=orm.Int, default=lambda: orm.Int(DEFAULT_NVE_STEPS),
                    help='Steps of the NVE energy-drift run at the first temperature; 0 skips the drift check.')
         spec.input('timestep_fs', valid_type=orm.Float, default=lambda: orm.Float(DEFAULT_TIMESTEP_FS),
-                   help='Timestep in fs for NVT and NVE (DOMAIN.md: 0.5-1 fs, up to 2; refused above 5).')
+                   help='Timestep in fs for NVT and NVE (docs/sources.md: 0.5-1 fs, up to 2; refused above 5).')
         spec.input('interval', valid_type=orm.Int, default=lambda: orm.Int(DEFAULT_INTERVAL),
                    help='Save a frame every `interval` steps (the engine checks distances at EVERY step).')
         spec.input('seed', valid_type=orm.Int, default=lambda: orm.Int(1),
@@ -327,7 +327,7 @@ class MdStabilityWorkChain(WorkChain):
                    help='Repeat the structure first: 3 positive integers or a 3x3 integer matrix.')
         spec.input('thresholds', valid_type=orm.Dict, required=False,
                    help='Overrides of aiida_mlip.analysis.md.DEFAULT_MD_THRESHOLDS: min_distance_angstrom (1.0), '
-                        'drift_mev_per_atom_per_ps (1.0; DOMAIN.md 0.1-1), temperature_rel_deviation (0.5).')
+                        'drift_mev_per_atom_per_ps (1.0; docs/sources.md 0.1-1), temperature_rel_deviation (0.5).')
         spec.input('rdf_r_max', valid_type=orm.Float, default=lambda: orm.Float(DEFAULT_RDF_R_MAX),
                    help='Largest RDF distance in Å, capped at half the smallest cell width (minimum image).')
         spec.input('rdf_n_bins', valid_type=orm.Int, default=lambda: orm.Int(DEFAULT_RDF_N_BINS),

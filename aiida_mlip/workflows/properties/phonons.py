@@ -25,14 +25,14 @@ from aiida_mlip.workflows.properties.engine import EngineMixin, validate_engine,
 
 #: Symmetry tolerance (Å) of phonopy (displacements, primitive cell) and of seekpath/spglib (band path).
 SYMPREC = 1e-5
-#: Displacements accepted by the validator (Å); DOMAIN.md: 0.01-0.03 Å is the usual range.
+#: Displacements accepted by the validator (Å); docs/sources.md: 0.01-0.03 Å is the usual range.
 MAX_DISPLACEMENT = 0.1
 #: q-points on the longest segment of the band path; shorter segments get proportionally fewer (>= 2).
 BAND_POINTS_LONGEST_SEGMENT = 51
 #: Temperatures (K) of the thermal properties: 0, 50, ..., 1000.
 T_MIN, T_MAX, T_STEP = 0.0, 1000.0, 50.0
 #: Residual force (eV/Å) of the perfect supercell above which the cell is reported as not relaxed
-#: (DOMAIN.md: relax to fmax <= 0.001-0.005 eV/Å before phonons).
+#: (docs/sources.md: relax to fmax <= 0.001-0.005 eV/Å before phonons).
 RELAXED_FORCE_LIMIT = 0.005
 
 PRISTINE_KEY = 'pristine'
@@ -58,7 +58,7 @@ def supercell_matrix_of(value) -> np.ndarray:
     if determinant < 1:
         raise ValueError(
             f'supercell_matrix {matrix.tolist()} has determinant {determinant}: it must be >= 1 '
-            '(positive repetitions, e.g. [2, 2, 2]; DOMAIN.md: 2^3-4^3 supercells)'
+            '(positive repetitions, e.g. [2, 2, 2]; docs/sources.md: 2^3-4^3 supercells)'
         )
     return matrix
 
@@ -360,7 +360,7 @@ def validate_inputs(inputs, ctx):
         return str(exception)
     displacement = inputs['displacement'].value
     if not 0 < displacement <= MAX_DISPLACEMENT:
-        return (f'displacement must lie in (0, {MAX_DISPLACEMENT}] Å (DOMAIN.md: 0.01-0.03 Å), '
+        return (f'displacement must lie in (0, {MAX_DISPLACEMENT}] Å (docs/sources.md: 0.01-0.03 Å), '
                 f'got {displacement}')
     mesh = inputs['mesh'].get_list()
     if len(mesh) != 3 or not all(isinstance(m, int) and m >= 1 for m in mesh):
@@ -378,9 +378,9 @@ class PhononWorkChain(EngineMixin, WorkChain):
                    help='The (tightly relaxed) unit cell, ideally primitive; phonopy finds the primitive cell.')
         spec.input('supercell_matrix', valid_type=orm.List, default=lambda: orm.List([2, 2, 2]),
                    help='Supercell of the input cell: 3 repetitions (diagonal) or a 3x3 integer matrix, '
-                        'determinant >= 1 (DOMAIN.md: 2^3-4^3 supercells).')
+                        'determinant >= 1 (docs/sources.md: 2^3-4^3 supercells).')
         spec.input('displacement', valid_type=orm.Float, default=lambda: orm.Float(0.01),
-                   help=f'Atomic displacement in Å, in (0, {MAX_DISPLACEMENT}] (DOMAIN.md: 0.01-0.03 Å).')
+                   help=f'Atomic displacement in Å, in (0, {MAX_DISPLACEMENT}] (docs/sources.md: 0.01-0.03 Å).')
         spec.input('mesh', valid_type=orm.List, default=lambda: orm.List([12, 12, 12]),
                    help='Gamma-centred q-mesh of the DOS and the thermal properties.')
         cls.define_engine(spec)
