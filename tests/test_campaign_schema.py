@@ -68,6 +68,8 @@ def test_shipped_campaign_files_are_valid(path):
     (lambda d: d['training'].update(committee_size='three'),
      ['camp.yaml:training.committee_size: must be an integer, got a string']),
     (lambda d: d['sampling'].update(volumes=0.02), ['camp.yaml:sampling.volumes: must be a list of numbers, got 0.02']),
+    (lambda d: d.update(dft={'max_concurrent': 0}), ['camp.yaml:dft.max_concurrent: must be >= 1, got 0']),
+    (lambda d: d.update(dft={'max_concurrent': 2.5}), ['camp.yaml:dft.max_concurrent: must be an integer']),
     # unknown protocols and choices
     (lambda d: d.update(dft={'protocol': 'quick'}),
      ['camp.yaml:dft.protocol: `quick` is not one of fast, balanced, stringent']),

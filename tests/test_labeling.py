@@ -166,6 +166,31 @@ def test_too_many_failures_fail_with_exit_code_and_keep_the_data(pw_code, pseudo
     assert list(results['quality_report']['dropped']) == ['bad']
 
 
+def test_max_concurrent_runs_the_frames_in_batches(pw_code, pseudo_family):
+    from ase.build import bulk
+
+    structures = {f'si2_{index}': orm.StructureData(ase=bulk('Si', 'diamond', a=a))
+                  for index, a in enumerate((5.36, 5.43, 5.50))}
+    results, node = engine.run_get_node(labeling_builder(pw_code, structures, max_concurrent=2))
+    assert node.is_finished_ok, node.exit_message
+    assert results['dataset'].n_frames == 3
+    runs = sorted((called for called in node.called if called.process_label == 'PwBaseWorkChain'),
+                  key=lambda called: called.ctime)
+    assert len(runs) == 3
+    first_batch, second_batch = runs[:2], runs[2]
+    assert all(run.is_finished_ok for run in runs)
+    # the third pw.x starts only once both of the first batch have ended (sealed at termination)
+    assert second_batch.ctime > max(run.mtime for run in first_batch)
+    assert first_batch[1].ctime < first_batch[0].mtime  # the first two ran side by side
+
+
+def test_max_concurrent_below_one_is_refused(pw_code, pseudo_family, si2):
+    before = count_calcjobs()
+    with pytest.raises(ValueError, match='max_concurrent must be a positive number'):
+        engine.run(labeling_builder(pw_code, [si2], max_concurrent=0))
+    assert count_calcjobs() == before
+
+
 # ---- bad input: refused before any pw.x runs --------------------------------------------------------------
 
 def test_element_missing_from_family_is_named(pw_code, pseudo_family):

@@ -67,8 +67,9 @@ def build_campaign(campaign: dict, filename: str = '<campaign>'):
     if dft.get('kpoints_distance'):
         pw_base['kpoints_distance'] = dft['kpoints_distance']
     overrides = {'pw_base': pw_base, 'isolated_atoms': dft['isolated_atoms']}
-    if dft.get('max_failure_fraction') is not None:
-        overrides['max_failure_fraction'] = dft['max_failure_fraction']
+    for key in ('max_failure_fraction', 'max_concurrent'):
+        if dft.get(key) is not None:
+            overrides[key] = dft[key]
     from aiida_quantumespresso.common.types import ElectronicType
 
     try:

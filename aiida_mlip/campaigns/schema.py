@@ -149,6 +149,7 @@ DFT_KEYS = {
     'electronic_type': 'metal (smearing) or insulator (fixed occupations)',
     'isolated_atoms': 'label each element alone in a box (E0 references for MACE)',
     'max_failure_fraction': 'largest tolerated fraction of dropped frames per class',
+    'max_concurrent': 'largest number of pw.x runs of one labeling in flight at once (default: all)',
 }
 SAMPLING_KEYS = {
     'volumes': 'relative volume changes, e.g. [-0.04, 0, 0.04]',
@@ -263,6 +264,8 @@ def _check_dft(checker: _Checker, value) -> dict:
     if value.get('max_failure_fraction') is not None:
         dft['max_failure_fraction'] = checker.number(value['max_failure_fraction'], 'dft.max_failure_fraction',
                                                      low=0, high=1)
+    if value.get('max_concurrent') is not None:
+        dft['max_concurrent'] = checker.number(value['max_concurrent'], 'dft.max_concurrent', integer=True, low=1)
     if (dft.get('ecutwfc') is None) != (dft.get('ecutrho') is None):
         checker.error('dft', 'give both ecutwfc and ecutrho, or neither (then the family\'s recommendation is used)')
     elif dft.get('ecutwfc') and dft.get('ecutrho') and dft['ecutrho'] < 4 * dft['ecutwfc']:

@@ -11,7 +11,7 @@ import copy
 import numpy as np
 from aiida import orm
 from aiida.common import AttributeDict
-from aiida.engine import ToContext, WorkChain
+from aiida.engine import ToContext, WorkChain, while_
 from aiida_quantumespresso.workflows.protocols.utils import recursive_merge
 from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
 
@@ -109,6 +109,13 @@ def validate_structures(value, _):
     return structures_problem(dict(value or {}))
 
 
+def validate_max_concurrent(value, _):
+    """At least one pw.x run must be allowed at a time."""
+    if value is not None and value.value < 1:
+        return f'max_concurrent must be a positive number of pw.x runs, got {value.value}'
+    return None
+
+
 def validate_inputs(inputs, _):
     """Checks that need several inputs: family covers all elements, code is pw.x, overrides are allowed."""
     structures = dict(inputs.get('structures', {}))
@@ -172,11 +179,17 @@ class DftLabelingWorkChain(ProtocolMixin, WorkChain):
                    help='Largest tolerated fraction of dropped frames; above it the workchain fails (501).')
         spec.input('clean_workdir', valid_type=orm.Bool, default=lambda: orm.Bool(False),
                    help='Clean the remote folders of the pw.x runs when done.')
+        spec.input('max_concurrent', valid_type=orm.Int, required=False, serializer=orm.to_aiida_type,
+                   validator=validate_max_concurrent,
+                   help='Largest number of pw.x runs of this labeling in flight at once: the frames go in batches '
+                        'of this size, each batch after the previous one finished (default: all at once).')
         spec.inputs.validator = validate_inputs
 
         spec.outline(
             cls.setup,
-            cls.run_labeling,
+            while_(cls.frames_left)(
+                cls.run_labeling,
+            ),
             cls.inspect_labeling,
             cls.collect_dataset,
             cls.results,
@@ -252,6 +265,8 @@ class DftLabelingWorkChain(ProtocolMixin, WorkChain):
             builder.config_types = orm.Dict(dict(config_types))
         if inputs.get('structure_overrides'):
             builder.structure_overrides = orm.Dict(inputs['structure_overrides'])
+        if inputs.get('max_concurrent') is not None:
+            builder.max_concurrent = inputs['max_concurrent']
         return builder
 
     # ---- outline -----------------------------------------------------------------------------------------
@@ -268,6 +283,7 @@ class DftLabelingWorkChain(ProtocolMixin, WorkChain):
                 self.ctx.frames.append({'key': f'isolated_{element}', 'structure': structure,
                                         'config_type': ISOLATED_ATOM})
         self.ctx.family = load_pseudo_family(self.inputs.pseudo_family.value)
+        self.ctx.next_frame = 0
 
     def _pw_base_inputs(self, frame: dict) -> AttributeDict:
         inputs = AttributeDict(self.exposed_inputs(PwBaseWorkChain, namespace='pw_base'))
@@ -299,10 +315,17 @@ class DftLabelingWorkChain(ProtocolMixin, WorkChain):
         inputs.metadata = {'call_link_label': f'label_{frame["key"]}'}
         return inputs
 
+    def frames_left(self) -> bool:
+        return self.ctx.next_frame < len(self.ctx.frames)
+
     def run_labeling(self):
-        """Launch all PwBaseWorkChains at once; the engine runs them concurrently."""
+        """Launch the next batch of PwBaseWorkChains (all frames without ``max_concurrent``); they run concurrently."""
+        start = self.ctx.next_frame
+        size = self.inputs.max_concurrent.value if 'max_concurrent' in self.inputs else len(self.ctx.frames)
+        self.ctx.next_frame = min(start + size, len(self.ctx.frames))
         futures = {}
-        for index, frame in enumerate(self.ctx.frames):
+        for index in range(start, self.ctx.next_frame):
+            frame = self.ctx.frames[index]
             node = self.submit(PwBaseWorkChain, **self._pw_base_inputs(frame))
             self.report(f'launched PwBaseWorkChain<{node.pk}> for `{frame["key"]}`')
             futures[frame_link_prefix(index)] = node
