@@ -41,7 +41,7 @@ def mlip_codes(localhost):
 def label_si(pw_code):
     """Si2 at 4 volumes, 8 rattled Si2 and the isolated Si atom, labeled with pw.x (one workchain, 13 pw.x jobs).
 
-    Only 2-atom cells: rattled Si8 with smearing trips PwBaseWorkChain's insufficient-bands handler and runs twice.
+    Only 2-atom cells: a rattled Si8 costs ~7x a rattled Si2 in pw.x (36 k-points, 4x the atoms).
     """
     from ase.build import bulk
 

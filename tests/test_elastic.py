@@ -53,14 +53,47 @@ def si2_equilibrium():
     return orm.StructureData(ase=bulk('Si', 'diamond', a=5.45))
 
 
-def synthetic_frames(atoms, c_matrix, residual_gpa=0.0):
+def synthetic_frames(atoms, c_matrix, residual_gpa=0.0, components=range(6)):
     """Reference + strained cells of ``atoms`` with stresses from a linear C (plus a constant residual stress)."""
-    strains = [np.zeros((3, 3))] + [eps for _, _, eps in voigt_strain_matrices()]
+    strains = [np.zeros((3, 3))] + [eps for component, _, eps in voigt_strain_matrices() if component in components]
     frames = strained_copies(atoms, strains)
     for frame, eps in zip(frames, strains):
         stress = c_matrix @ strain_to_voigt(eps) + residual_gpa * np.array([1, 1, 1, 0, 0, 0])
         frame.info['REF_stress'] = voigt_to_stress(stress) / EV_PER_A3_TO_GPA
     return frames
+
+
+def test_symmetry_reduced_strains_and_their_images_give_the_full_tensor():
+    """Cubic Si: only xx and yz strains (9 of 25 cells); their 48 rotation images pin every constant."""
+    from ase.build import bulk
+
+    from aiida_mlip.analysis.elastic import point_group_rotations, symmetry_reduced_components
+
+    atoms = bulk('Si', 'diamond', a=5.45)
+    rotations = point_group_rotations(atoms.cell, atoms.get_scaled_positions(), atoms.numbers)
+    assert len(rotations) == 48 and symmetry_reduced_components(rotations) == [0, 3]
+    frames = synthetic_frames(atoms, C_SI, residual_gpa=-2.0, components=[0, 3])
+    with pytest.raises(ValueError, match='rank-deficient'):
+        elastic_analysis(frames)  # without the images, 2 components cannot give 21 constants
+    result, strains, _ = elastic_analysis(frames, symmetry_images=True)
+    assert result['n_cells'] == 9 and result['n_fitted_pairs'] == 9 * 48 and len(strains) == 9
+    np.testing.assert_allclose(result['elastic_tensor_raw_gpa'], C_SI, atol=1e-6)
+
+
+def test_symmetry_reduction_keeps_every_component_where_no_rotation_maps_them():
+    """hcp (60° rotations mix xx and yy) and a cubic crystal turned off its axes: all six strains are computed."""
+    from ase.build import bulk
+    from scipy.spatial.transform import Rotation
+
+    from aiida_mlip.analysis.elastic import point_group_rotations, symmetry_reduced_components
+
+    hcp = bulk('Mg', 'hcp', a=3.2, c=5.2)
+    turned = bulk('Si', 'diamond', a=5.45)
+    turned.set_cell(np.asarray(turned.cell) @ Rotation.from_euler('xyz', (20, 35, -50), degrees=True).as_matrix().T,
+                    scale_atoms=True)
+    for atoms in (hcp, turned):
+        rotations = point_group_rotations(atoms.cell, atoms.get_scaled_positions(), atoms.numbers)
+        assert symmetry_reduced_components(rotations) == [0, 1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize('euler', [(0, 0, 0), (20, 35, -50)])
@@ -124,21 +157,25 @@ def test_internal_relaxation_is_needed_unless_every_atom_is_an_inversion_centre(
     assert every_atom_at_inversion_centre(atoms.cell, atoms.get_scaled_positions(), atoms.numbers) is not needed
 
 
-def mlip_elastic_builder(atoms, evaluate_code, model):
+def mlip_elastic_builder(atoms, evaluate_code, model, symmetry_reduction=True):
     """mlip.elastic of ``atoms`` with one model and strains of +-1 %."""
     builder = ElasticWorkChain.get_builder()
     builder.structure = orm.StructureData(ase=atoms)
     builder.strain_magnitudes = orm.List([-0.01, 0.01])
+    builder.symmetry_reduction = orm.Bool(symmetry_reduction)
     builder.mlip = {'code': evaluate_code, 'models': {'seed1': model}}
     return builder
 
 
 @pytest.mark.mace
 def test_mlip_relaxed_ion_tensor_in_one_relaxation_job(evaluate_code, mlip_models):
-    """MLIP engine: one evaluation, ONE mlip.relax for the 6 shear cells, ONE evaluation of the relaxed cells."""
+    """MLIP engine, all 6 strain components: one evaluation, ONE mlip.relax for the 6 shear cells, ONE evaluation of
+    the relaxed cells. The symmetry-reduced default (xx and yz only) gives the same tensor: the model is equivariant,
+    so its response to the strains left out is the rotated response to the kept ones."""
     from ase.build import bulk
 
-    builder = mlip_elastic_builder(bulk('Si', 'diamond', a=5.45), evaluate_code, mlip_models['seed1'])
+    builder = mlip_elastic_builder(bulk('Si', 'diamond', a=5.45), evaluate_code, mlip_models['seed1'],
+                                   symmetry_reduction=False)
     before = count_calcjobs()
     results, node = engine.run_get_node(builder)
     assert node.is_finished_ok, (node.exit_status, node.exit_message)
@@ -154,6 +191,15 @@ def test_mlip_relaxed_ion_tensor_in_one_relaxation_job(evaluate_code, mlip_model
     assert relaxed['constants_gpa']['C44'] < clamped['constants_gpa']['C44']
     for name in ('C11', 'C12'):
         assert relaxed['constants_gpa'][name] == pytest.approx(clamped['constants_gpa'][name], abs=0.1)
+
+    reduced, reduced_node = engine.run_get_node(
+        mlip_elastic_builder(bulk('Si', 'diamond', a=5.45), evaluate_code, mlip_models['seed1']))
+    assert reduced_node.is_finished_ok, (reduced_node.exit_status, reduced_node.exit_message)
+    assert reduced['frames'].n_frames == 5 and reduced['relaxed_frames'].n_frames == 2
+    for kind in ('elastic', 'elastic_clamped_ion'):
+        print(kind, 'reduced', reduced[kind]['constants_gpa'])
+        for name, value in results[kind]['constants_gpa'].items():
+            assert reduced[kind]['constants_gpa'][name] == pytest.approx(value, abs=0.05), (kind, name)
 
 
 @pytest.mark.mace
@@ -176,8 +222,9 @@ def test_no_relaxation_when_every_atom_is_an_inversion_centre(evaluate_code, mli
 def si2_elastic_dft(pw_code, pseudo_family):
     """ONE DFT elastic run of Si2 (a = 5.45 Å) at the test settings, shared by the asserting tests below.
 
-    13 pw.x SCF cells (strain magnitudes +-1 %) and 6 fixed-cell pw.x relaxations (the shears; the normal strains
-    create no internal force in diamond).
+    Symmetry-reduced (the default): 5 pw.x SCF cells (reference, xx and yz strains of +-1 %) and 2 fixed-cell pw.x
+    relaxations (the yz shears; the normal strains create no internal force in diamond). The constants are
+    compared with the full 13-cell set measured at these settings (SI2_TEST_CLAMPED, SI2_TEST_RELAXED).
     """
     from ase.build import bulk
 
@@ -213,27 +260,27 @@ def test_dft_clamped_ion_constants_of_silicon(si2_elastic_dft):
     assert c11 == pytest.approx(SI2_TEST_CLAMPED['C11'], rel=0.03)
     assert c12 == pytest.approx(SI2_TEST_CLAMPED['C12'], rel=0.03)
     assert c44 == pytest.approx(SI2_TEST_CLAMPED['C44'], rel=0.03)
-    assert results['frames'].n_frames == 13
+    assert results['frames'].n_frames == 5 and elastic['symmetry_images'] and elastic['n_fitted_pairs'] == 5 * 48
 
 
 @pytest.mark.pw
 def test_dft_relaxed_ion_constants_of_silicon(si2_elastic_dft):
-    """The default output is relaxed-ion: only the 6 shear cells relax, C44 drops, C11/C12 stay."""
+    """The default output is relaxed-ion: only the 2 shear cells relax, C44 drops, C11/C12 stay."""
     results, node = si2_elastic_dft
     relaxed, clamped = results['elastic'].get_dict(), results['elastic_clamped_ion'].get_dict()
     print('relaxed', relaxed['constants_gpa'], relaxed['internal_relaxation'])
     assert relaxed['clamped_ion'] is False
-    assert relaxed['relaxed_cells'] == list(range(7, 13))  # sorted keys: 1-6 normal, 7-12 shear strains
-    assert relaxed['internal_relaxation'].startswith('6 of 13 cells relaxed')
+    assert relaxed['relaxed_cells'] == [3, 4]  # sorted keys: 1-2 xx, 3-4 yz strains
+    assert relaxed['internal_relaxation'].startswith('2 of 5 cells relaxed')
     c_relaxed, c_clamped = relaxed['constants_gpa'], clamped['constants_gpa']
     assert c_clamped['C44'] - c_relaxed['C44'] > 0.2 * c_clamped['C44']
     assert c_relaxed['C44'] == pytest.approx(SI2_TEST_RELAXED['C44'], rel=0.03)
     for name in ('C11', 'C12'):
         assert c_relaxed[name] == pytest.approx(c_clamped[name], abs=0.5)
     assert relaxed['born_stable'] and relaxed['symmetry_deviation_gpa'] < 0.02 * c_relaxed['C11']
-    assert results['relaxed_frames'].n_frames == 6
+    assert results['relaxed_frames'].n_frames == 2
     relaxations = [called for called in node.called if called.process_label == 'PwBaseWorkChain']
-    assert len(relaxations) == 6
+    assert len(relaxations) == 2
     assert all(r.inputs.pw.parameters['CONTROL']['calculation'] == 'relax' for r in relaxations)
     # the relaxed atoms moved off the homogeneously strained positions, the cell did not
     for frame, index in zip(results['relaxed_frames'].to_ase(), relaxed['relaxed_cells']):

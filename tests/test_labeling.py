@@ -94,6 +94,28 @@ def test_every_frame_points_to_its_pw_calculation(labeled):
     assert fingerprint['functional'] == 'PBE' and set(fingerprint['pseudos']) == {'Si'}
 
 
+def test_smeared_runs_get_enough_bands_up_front(labeled):
+    """The `fast` protocol smears: each cell gets bands_for_smearing(N) bands and passes aiida-quantumespresso's
+    band-occupation check the first time. With pw.x's default (20 for Si8) the rattled Si8 cells ran twice."""
+    from aiida_mlip.workflows.labeling import bands_for_smearing
+
+    _, node = labeled
+    checked = 0
+    for workchain in node.called:
+        if workchain.process_label != 'PwBaseWorkChain' or not workchain.is_finished_ok:
+            continue
+        calculations = [called for called in workchain.called if isinstance(called, orm.CalcJobNode)]
+        assert len(calculations) == 1, f'{workchain.pk} restarted: {workchain.base.attributes.all}'
+        system = calculations[0].inputs.parameters['SYSTEM']
+        assert system['occupations'] == 'smearing'
+        electrons = 4 * len(calculations[0].inputs.structure.sites)
+        assert system['nbnd'] == bands_for_smearing(electrons)
+        checked += 1
+    assert checked == 4
+    assert bands_for_smearing(8) == 12 and bands_for_smearing(32) == 24 and bands_for_smearing(44) == 30  # Si2, Si8, Cu4
+    assert bands_for_smearing(200) == 130
+
+
 def pw_base_without_remote_folder(real_pw_base, workchain_exit=11, calculation_exit=0, remote_folder=False):
     """The state aiida-core 2.9 leaves after a worker is killed around an upload (labeled_outputs' docstring): a
     PwBaseWorkChain failed with ``workchain_exit`` that called a PwCalculation finished with ``calculation_exit``

@@ -33,8 +33,11 @@ __all__ = [
     'compare_elastic',
     'every_atom_at_inversion_centre',
     'fit_elastic_tensor',
+    'point_group_rotations',
+    'strain_stress_images',
     'strain_to_voigt',
     'stress_to_voigt',
+    'symmetry_reduced_components',
     'symmetrize_elastic_tensor',
     'voigt_reuss_hill',
     'voigt_strain_matrices',
@@ -376,3 +379,61 @@ def every_atom_at_inversion_centre(cell, scaled_positions, numbers, symprec: flo
         return float(np.linalg.norm(shift @ cell)) < symprec
 
     return all(any(fixed_by(translation, position) for translation in inversions) for position in positions)
+
+
+def point_group_rotations(cell, scaled_positions, numbers, symprec: float = 1e-3) -> np.ndarray:
+    """The crystal's point-group operations as Cartesian rotations (k, 3, 3), each once; rows of ``cell`` are
+    the lattice vectors."""
+    import spglib
+
+    cell = np.asarray(cell, dtype=float)
+    dataset = spglib.get_symmetry_dataset((cell, np.asarray(scaled_positions, dtype=float), np.asarray(numbers)),
+                                          symprec=symprec)
+    if dataset is None:
+        raise ValueError(f'spglib could not determine the symmetry (symprec {symprec} Å)')
+    columns = cell.T  # x_cartesian = columns @ x_fractional
+    rotations = []
+    for rotation in dataset.rotations:
+        cartesian = columns @ rotation @ np.linalg.inv(columns)
+        if not any(np.allclose(cartesian, known, atol=1e-6) for known in rotations):
+            rotations.append(cartesian)
+    return np.array(rotations)
+
+
+def rotated_voigt_strain(voigt, rotation) -> np.ndarray:
+    """The engineering Voigt strain ``voigt`` seen in the frame rotated by ``rotation`` (R eps R^T)."""
+    return strain_to_voigt(rotation @ voigt_to_strain(voigt) @ rotation.T)
+
+
+def symmetry_reduced_components(rotations, components=range(6)) -> list[int]:
+    """The Voigt components whose unit strains are not a symmetry image of an earlier kept one.
+
+    A component ``j`` is dropped when some point-group rotation maps the unit strain of a kept component onto the
+    unit strain of ``j`` exactly: its stress-strain pairs then follow from the kept ones by that rotation
+    (:func:`strain_stress_images`), at no loss. Cubic with its axes along x, y, z: xx and yz (2 of 6). Where no
+    rotation maps one unit strain onto another (hexagonal, whose 60° rotation mixes xx and yy; triclinic; a cubic
+    crystal in a rotated frame) all 6 are kept.
+    """
+    kept = []
+    for component in components:
+        unit = np.zeros(6)
+        unit[component] = 1.0
+        images = [rotated_voigt_strain(np.eye(6)[k], rotation) for k in kept for rotation in rotations]
+        if not any(np.allclose(image, unit, atol=1e-8) for image in images):
+            kept.append(component)
+    return kept
+
+
+def strain_stress_images(strains_voigt, stresses_voigt, rotations) -> tuple[np.ndarray, np.ndarray]:
+    """Every (strain, stress) pair under every point-group rotation (R eps R^T, R sigma R^T): the data a fit of the
+    full tensor needs when only :func:`symmetry_reduced_components` were computed. Exact for a crystal with that
+    symmetry; the identity image is the pair itself, first."""
+    strains = np.atleast_2d(np.asarray(strains_voigt, dtype=float))
+    stresses = np.atleast_2d(np.asarray(stresses_voigt, dtype=float))
+    identity_first = sorted(rotations, key=lambda rotation: not np.allclose(rotation, np.eye(3)))
+    image_strains, image_stresses = [], []
+    for rotation in identity_first:
+        for strain, stress in zip(strains, stresses, strict=True):
+            image_strains.append(rotated_voigt_strain(strain, rotation))
+            image_stresses.append(stress_to_voigt(rotation @ voigt_to_stress(stress) @ rotation.T))
+    return np.array(image_strains), np.array(image_stresses)

@@ -34,10 +34,30 @@ def elastic_cells(atoms, plan: dict, rng: np.random.Generator) -> list:
     return cells
 
 
+def conventional_cell(atoms):
+    """The conventional standard cell (spglib) of ``atoms``, positions as in ``atoms`` (not idealised)."""
+    import spglib
+    from ase import Atoms
+
+    lattice, positions, numbers = spglib.standardize_cell(
+        (atoms.cell[:], atoms.get_scaled_positions(), atoms.numbers), to_primitive=False, no_idealize=True,
+        symprec=1e-3)
+    return Atoms(numbers=numbers, cell=lattice, scaled_positions=positions, pbc=True)
+
+
 def phonon_cells(atoms, plan: dict, rng: np.random.Generator) -> list:
-    """The phonon supercell with every atom displaced (Gaussian, ``rattle`` Å): not a phonopy displacement."""
+    """Rattled cells (Gaussian, ``rattle`` Å, every atom): not phonopy's one-atom displacements.
+
+    ``cell: conventional`` (the default) rattles the conventional cell when it holds more atoms than ``atoms``
+    (diamond Si: 8 atoms, commensurate with Gamma and X, 4-8x cheaper in pw.x than the 16-atom 2x2x2 supercell of
+    the primitive cell); otherwise, and with ``cell: supercell``, the validation's phonon supercell.
+    """
     from ase.build import make_supercell
 
+    if plan.get('cell', 'conventional') == 'conventional':
+        cell = conventional_cell(atoms)
+        if len(cell) > len(atoms):
+            return rattled_copies(cell, float(plan['rattle']), int(plan['count']), int(rng.integers(2**31)))
     matrix = np.asarray(plan['supercell_matrix'], dtype=int)
     supercell = make_supercell(atoms, np.diag(matrix) if matrix.shape == (3,) else matrix)
     return rattled_copies(supercell, float(plan['rattle']), int(plan['count']), int(rng.integers(2**31)))

@@ -141,6 +141,17 @@ def validate_inputs(inputs, _):
     return None
 
 
+def bands_for_smearing(electrons: float) -> int:
+    """Bands of a smeared (metallic) pw.x run: the occupied ones plus max(8, 30 %).
+
+    pw.x's own default (max(1.2 N/2, N/2 + 4)) left the highest band of 4-atom Cu cells occupied above
+    aiida-quantumespresso's 0.005 check, so every such cell ran twice (its insufficient-bands handler adds 5 % or 4
+    bands and restarts); with this many bands the check passes the first time (docs/labeling.md).
+    """
+    occupied = int(np.ceil(electrons / 2))
+    return occupied + max(8, int(np.ceil(0.3 * occupied)))
+
+
 class DftLabelingWorkChain(ProtocolMixin, WorkChain):
     """Label structures with pw.x through PwBaseWorkChain and collect them into a quality-checked dataset."""
 
@@ -305,6 +316,10 @@ class DftLabelingWorkChain(ProtocolMixin, WorkChain):
             inputs.pop('kpoints_distance', None)
             inputs.kpoints = kpoints
             parameters.get('CONTROL', {}).pop('tstress', None)
+        system = parameters.get('SYSTEM', {})
+        if system.get('occupations') == 'smearing' and 'nbnd' not in system:
+            electrons = sum(inputs.pw.pseudos[site.kind_name].z_valence for site in structure.sites)
+            system['nbnd'] = bands_for_smearing(electrons)
         inputs.pw.parameters = orm.Dict(parameters)
         if 'max_iterations' in overrides:
             inputs.max_iterations = orm.Int(overrides['max_iterations'])

@@ -117,6 +117,8 @@ def validate_targets(value, _=None):
            if key not in SECTIONS or not isinstance(count, int) or isinstance(count, bool) or count < 0}
     if bad:
         return f'targets.cells_per_check: sections {list(SECTIONS)} with integer counts >= 0, got {bad}'
+    if targets.get('phonon_cell', 'conventional') not in ('conventional', 'supercell'):
+        return f"targets.phonon_cell must be 'conventional' or 'supercell', got {targets['phonon_cell']!r}"
     for key in ('eos_deviatoric', 'elastic_rattle', 'phonon_rattle'):
         if key in targets and not 0 <= float(targets[key]) <= 0.2:
             return f'targets.{key} must lie in [0, 0.2] (a strain or Å), got {targets[key]}'
@@ -199,7 +201,8 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
         spec.input('targets', valid_type=orm.Dict, default=lambda: orm.Dict(DEFAULT_TARGETS),
                    validator=validate_targets,
                    help='Targeted cells: `cells_per_check` (section -> count per iteration), `eos_deviatoric` '
-                        '(strain), `elastic_rattle`, `phonon_rattle` (Å), `md_factors` (x the highest validation '
+                        '(strain), `elastic_rattle`, `phonon_rattle` (Å), `phonon_cell` (`conventional` or `supercell`), '
+                        '`md_factors` (x the highest validation '
                         'temperature), `md_steps`, `md_interval`, `md_trust_window` (eV/Å).')
         spec.input('seed', valid_type=orm.Int, default=lambda: orm.Int(1),
                    help='Seed of the targeted cells and MD (iteration i uses seed + i).')
@@ -491,7 +494,7 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
             matrix = validation.phonons.supercell_matrix.get_list() if 'supercell_matrix' in validation.get(
                 'phonons', {}) else [2, 2, 2]
             plan['phonons'] = {'count': counts['phonons'], 'supercell_matrix': matrix,
-                               'rattle': targets['phonon_rattle']}
+                               'rattle': targets['phonon_rattle'], 'cell': targets['phonon_cell']}
         return plan
 
     def make_targets(self):

@@ -125,7 +125,8 @@ def test_elastic_cells_are_rattled_around_the_strained_positions(si2):
 
 
 def test_phonon_cells_displace_every_atom_of_the_supercell(si2):
-    cells = phonon_cells(si2, {'count': 2, 'supercell_matrix': [2, 2, 2], 'rattle': 0.03}, np.random.default_rng(0))
+    cells = phonon_cells(si2, {'count': 2, 'supercell_matrix': [2, 2, 2], 'rattle': 0.03, 'cell': 'supercell'},
+                         np.random.default_rng(0))
     assert len(cells) == 2 and all(len(cell) == 16 for cell in cells)
     from ase.build import make_supercell
     pristine = make_supercell(si2, 2 * np.eye(3, dtype=int))
@@ -133,3 +134,21 @@ def test_phonon_cells_displace_every_atom_of_the_supercell(si2):
         shift = np.linalg.norm(cell.positions - pristine.positions, axis=1)
         assert np.count_nonzero(shift > 1e-6) == 16  # phonopy moves ONE atom; these move all
     assert not np.allclose(cells[0].positions, cells[1].positions)
+
+
+def test_phonon_cells_rattle_the_conventional_cell_by_default(si2):
+    cells = phonon_cells(si2, {'count': 3, 'supercell_matrix': [2, 2, 2], 'rattle': 0.03}, np.random.default_rng(0))
+    assert len(cells) == 3 and all(len(cell) == 8 for cell in cells)
+    assert np.isclose(cells[0].get_volume(), 4 * si2.get_volume())
+    cell = cells[0].cell.cellpar()
+    assert np.allclose(cell[3:], 90.0) and np.allclose(cell[:3], cell[0])  # cubic, the conventional cell
+    neighbours = np.sort(cells[0].get_all_distances(mic=True), axis=1)[:, 1]
+    assert np.all(np.abs(neighbours - 2.37) < 0.25)  # rattled diamond bonds, no atom on top of another
+
+
+def test_phonon_cells_fall_back_to_the_supercell_without_a_larger_conventional_cell():
+    from ase.build import bulk
+    cubic = bulk('Po', 'sc', a=3.3)
+    cells = phonon_cells(cubic, {'count': 1, 'supercell_matrix': [2, 2, 2], 'rattle': 0.03},
+                         np.random.default_rng(0))
+    assert len(cells[0]) == 8

@@ -22,8 +22,9 @@ from aiida import orm
 from aiida.engine import ToContext, WorkChain, calcfunction, if_
 
 from aiida_mlip.analysis.elastic import (
-    born_stability, every_atom_at_inversion_centre, fit_elastic_tensor, strain_to_voigt, stress_to_voigt,
-    symmetrize_elastic_tensor, voigt_reuss_hill, voigt_strain_matrices, voigt_to_strain, voigt_to_stress,
+    born_stability, every_atom_at_inversion_centre, fit_elastic_tensor, point_group_rotations, strain_stress_images,
+    strain_to_voigt, stress_to_voigt, symmetrize_elastic_tensor, symmetry_reduced_components, voigt_reuss_hill,
+    voigt_strain_matrices, voigt_to_strain, voigt_to_stress,
 )
 from aiida_mlip.calculations.datasets import collect_labeled_frames, frame_link_prefix
 from aiida_mlip.calculations.sampling import strain_structure
@@ -147,17 +148,20 @@ def named_constants(c_matrix, tolerance: float = 1e-6) -> dict:
 
 
 def elastic_analysis(atoms_list, crystal_system: str | None = None, symprec: float = SYMPREC,
-                     clamped_ion: bool = True) -> tuple:
+                     clamped_ion: bool = True, symmetry_images: bool = False) -> tuple:
     """Fit, symmetrise and reduce the elastic tensor of evaluated cells; frame 0 is the unstrained reference.
 
-    :returns: (result dict, Voigt strains (N, 6), Voigt stresses (N, 6) in GPa).
+    :returns: (result dict, Voigt strains (N, 6), Voigt stresses (N, 6) in GPa): the computed pairs, not their images.
 
-    ``clamped_ion`` only labels the result (False: the strained cells were relaxed at fixed cell).
+    ``clamped_ion`` only labels the result (False: the strained cells were relaxed at fixed cell). With
+    ``symmetry_images`` the fit also uses every pair under every point-group rotation of frame 0 (the cells of a
+    symmetry-reduced strain set: the strains of the components left out are such images).
     Each frame needs ``info['REF_stress']`` (3x3 eV/Å³, ASE sign: positive = tensile). The strain of each frame is
     computed from its cell relative to frame 0, so only (strain, stress) pairs enter the fit.
     """
-    if len(atoms_list) < 7:
-        raise ValueError(f'need the reference and at least 6 strained cells, got {len(atoms_list)} frames')
+    if len(atoms_list) < (3 if symmetry_images else 7):
+        raise ValueError(f'need the reference and at least {2 if symmetry_images else 6} strained cells, got '
+                         f'{len(atoms_list)} frames')
     reference = atoms_list[0]
     strains, stresses = [], []
     for index, atoms in enumerate(atoms_list):
@@ -170,9 +174,13 @@ def elastic_analysis(atoms_list, crystal_system: str | None = None, symprec: flo
         strains.append(strain_to_voigt(cell_strain(reference.cell, atoms.cell)))
         stresses.append(stress_to_voigt(0.5 * (stress + stress.T)) * EV_PER_A3_TO_GPA)
     strains, stresses = np.array(strains), np.array(stresses)
+    fit_strains, fit_stresses = strains, stresses
+    if symmetry_images:
+        rotations = point_group_rotations(reference.cell, reference.get_scaled_positions(), reference.numbers, symprec)
+        fit_strains, fit_stresses = strain_stress_images(strains, stresses, rotations)
 
-    c_raw = fit_elastic_tensor(strains, stresses, fit_intercept=True, symmetric=True)
-    residuals = stresses - strains @ c_raw.T
+    c_raw = fit_elastic_tensor(fit_strains, fit_stresses, fit_intercept=True, symmetric=True)
+    residuals = fit_stresses - fit_strains @ c_raw.T
     intercept = residuals.mean(axis=0)
     fit_rms = float(np.sqrt(np.mean((residuals - intercept) ** 2)))
 
@@ -212,6 +220,8 @@ def elastic_analysis(atoms_list, crystal_system: str | None = None, symprec: flo
         'fitted_residual_stress_gpa': intercept.tolist(),
         'fit_rms_gpa': fit_rms,
         'n_cells': len(atoms_list),
+        'n_fitted_pairs': len(fit_strains),
+        'symmetry_images': symmetry_images,
         'conventions': 'Voigt order xx,yy,zz,yz,xz,xy; engineering shear strain; stress positive = tensile; GPa; '
                        'tensor in the Cartesian frame of the input structure',
     }, strains, stresses
@@ -220,9 +230,10 @@ def elastic_analysis(atoms_list, crystal_system: str | None = None, symprec: flo
 # ---- calcfunctions -------------------------------------------------------------------------------------------
 @calcfunction
 def fit_elastic_constants(frames, crystal_system=None, relaxed_frames=None, relaxed_indices=None,
-                          internal_relaxation=None) -> dict:
+                          internal_relaxation=None, symmetry_images=None) -> dict:
     """Elastic tensor from the evaluated reference (frame 0) and strained cells.
 
+    ``symmetry_images`` (Bool): the cells are a symmetry-reduced set, fit their point-group images too.
     Clamped-ion without ``internal_relaxation``; with it (Str, recorded as ``internal_relaxation``) relaxed-ion:
     the frames at ``relaxed_indices`` (List) are replaced by ``relaxed_frames`` (same order) before the fit.
     Returns ``elastic`` (Dict, see ``elastic_analysis``) and ``stress_strain`` (ArrayData: ``strains`` Voigt with
@@ -234,7 +245,8 @@ def fit_elastic_constants(frames, crystal_system=None, relaxed_frames=None, rela
         for index, atoms in zip(indices, relaxed_frames.to_ase(), strict=True):
             atoms_list[index] = atoms
     result, strains, stresses = elastic_analysis(atoms_list, crystal_system.value if crystal_system else None,
-                                                 clamped_ion=internal_relaxation is None)
+                                                 clamped_ion=internal_relaxation is None,
+                                                 symmetry_images=bool(symmetry_images and symmetry_images.value))
     if internal_relaxation is not None:
         result.update(internal_relaxation=internal_relaxation.value, relaxed_cells=indices)
     pairs = orm.ArrayData()
@@ -305,6 +317,11 @@ class ElasticWorkChain(EngineMixin, WorkChain):
         spec.input('clamped_ion', valid_type=orm.Bool, default=lambda: orm.Bool(False),
                    help='True: only the clamped-ion tensor (atoms move with the strain, no relaxation). Default '
                         'False: the strained cells with internal forces are relaxed at fixed cell (relaxed-ion).')
+        spec.input('symmetry_reduction', valid_type=orm.Bool, default=lambda: orm.Bool(True),
+                   help='Compute only the Voigt components whose strains are not point-group images of one another '
+                        '(cubic: xx and yz, 2 of 6) and fit the full tensor from the computed pairs and their '
+                        'rotation images: exact for the crystal\'s symmetry, a third of the cells for cubic. False: '
+                        'all 6 components.')
         spec.input('relax_ions_fmax', valid_type=orm.Float, default=lambda: orm.Float(RELAX_IONS_FMAX),
                    help='Relaxed-ion: force tolerance (eV/Å) of the fixed-cell relaxation; cells whose clamped forces '
                         f'are below it are not relaxed. Default {RELAX_IONS_FMAX} (docs/elastic.md: C44 of Si '
@@ -336,8 +353,16 @@ class ElasticWorkChain(EngineMixin, WorkChain):
 
     def run_strains(self):
         """One calcfunction makes the reference (``structure_000``) and the strained cells; one engine run."""
+        components = range(6)
+        if self.inputs.symmetry_reduction.value:
+            atoms = self.structure_to_compute.get_ase()
+            components = symmetry_reduced_components(
+                point_group_rotations(atoms.cell, atoms.get_scaled_positions(), atoms.numbers, SYMPREC))
+            self.report(f'symmetry-reduced strain set: Voigt components {[VOIGT_LABELS[c] for c in components]} '
+                        'computed, the others fitted from their point-group images')
         strains = [np.zeros((3, 3)).tolist()]
-        strains += [eps.tolist() for _, _, eps in voigt_strain_matrices(self.inputs.strain_magnitudes.get_list())]
+        strains += [eps.tolist() for component, _, eps in
+                    voigt_strain_matrices(self.inputs.strain_magnitudes.get_list()) if component in components]
         self.ctx.structures = dict(strain_structure(self.structure_to_compute, orm.List(strains)))
         self._warn_if_kpoint_meshes_differ()
         return ToContext(cells=self.submit_engine(self.ctx.structures, 'strained_cells'))
@@ -368,6 +393,8 @@ class ElasticWorkChain(EngineMixin, WorkChain):
         self.out('frames', frames)
         self.ctx.frames = frames
         self.ctx.fit_inputs = {'crystal_system': self.inputs.crystal_system} if 'crystal_system' in self.inputs else {}
+        if self.inputs.symmetry_reduction.value:
+            self.ctx.fit_inputs['symmetry_images'] = self.inputs.symmetry_reduction
         try:
             fitted = fit_elastic_constants(frames, **self.ctx.fit_inputs)
         except ValueError as exception:
