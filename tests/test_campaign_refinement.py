@@ -29,7 +29,7 @@ def test_refinement_section_is_normalised_and_resolved_against_the_protocol():
     inputs = refinement_inputs(campaign['refinement'])
     assert inputs['max_new_labels'] == 10
     assert inputs['max_iterations'] == 2  # the `fast` protocol's
-    assert inputs['targets']['cells_per_check'] == {'eos': 3, 'elastic': 6, 'phonons': 2, 'md_stability': 4}
+    assert inputs['targets']['cells_per_check'] == {'eos': 3, 'elastic': 6, 'phonons': 4, 'md_stability': 4}
     assert check_campaign(SI)['refinement'] is None
 
 
