@@ -160,9 +160,9 @@ def main():
         raise SystemExit('(a) added no targeted labels (it passed, or stopped, on its seed): nothing to compare')
 
     one_shot = run_one_shot(refinement, new_labels, args.seed)
+    failed = '' if one_shot['passed'] else f' (failed {one_shot["failed"]})'
     print(f'(b) one-shot random (seed {args.seed}): {one_shot["labels"]} labels ({seed_labels} seed + '
-          f'{one_shot["new_labels"]} random), passed {one_shot["passed"]}'
-          f'{"" if one_shot["passed"] else f" (failed {one_shot["failed"]})"}; '
+          f'{one_shot["new_labels"]} random), passed {one_shot["passed"]}{failed}; '
           + ', '.join(f'{key} {value:.0f}' for key, value in one_shot['timings'].items()))
     if refined['passed'] and not one_shot['passed']:
         print(f'ratio (a)/(b) labels to PASSED: < {refined["labels"]}/{refined["labels"]} = 1 '
