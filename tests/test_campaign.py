@@ -150,3 +150,12 @@ def test_finetune_mode_builds_a_naive_finetuning_of_a_covering_foundation(pw_cod
     mace = builder.training.training.mace
     assert mace.foundation_model.uuid == foundation.uuid and mace.finetune.value == 'naive'
     assert not set(mace.parameters.get_dict()) & set(FIXED_BY_FOUNDATION)
+
+
+def test_pw_parameters_of_the_campaign_reach_its_labeling(pw_code, pseudo_family, mlip_codes):  # noqa: F811
+    """`dft.parameters` lands in the pw.x input of every labeling (seed, reference, targets share these inputs)."""
+    campaign = load_campaign(CAMPAIGN)
+    campaign['dft']['parameters'] = {'ELECTRONS': {'mixing_beta': 0.3}, 'SYSTEM': {'nbnd': 20}}
+    parameters = build_campaign(campaign, 'si_ge_test.yaml').labeling.pw_base.pw.parameters.get_dict()
+    assert parameters['ELECTRONS']['mixing_beta'] == 0.3 and parameters['SYSTEM']['nbnd'] == 20
+    assert parameters['SYSTEM']['ecutwfc'] == campaign['dft']['ecutwfc']  # the campaign's own keys still apply

@@ -50,6 +50,12 @@ def test_good_campaign_is_normalised():
     assert campaign['transferability']['train_all'] is True
 
 
+def test_pw_parameters_are_kept_by_namelist():
+    campaign = check_campaign({**GOOD, 'dft': {'parameters': {'SYSTEM': {'nbnd': 40, 'degauss': 0.01},
+                                                              'ELECTRONS': {'mixing_beta': 0.3}}}}, 'camp.yaml')
+    assert campaign['dft']['parameters'] == {'SYSTEM': {'nbnd': 40, 'degauss': 0.01}, 'ELECTRONS': {'mixing_beta': 0.3}}
+
+
 @pytest.mark.parametrize('path', sorted(WORKFLOWS.glob('*.yaml')), ids=lambda path: path.name)
 def test_shipped_campaign_files_are_valid(path):
     campaign = load_campaign(path)
@@ -70,6 +76,9 @@ def test_shipped_campaign_files_are_valid(path):
     (lambda d: d['sampling'].update(volumes=0.02), ['camp.yaml:sampling.volumes: must be a list of numbers, got 0.02']),
     (lambda d: d.update(dft={'max_concurrent': 0}), ['camp.yaml:dft.max_concurrent: must be >= 1, got 0']),
     (lambda d: d.update(dft={'max_concurrent': 2.5}), ['camp.yaml:dft.max_concurrent: must be an integer']),
+    (lambda d: d.update(dft={'parameters': {'SYSTEM': {'ecutwfc': 60, 'nbnd': [8]}, 'CONTROL': {'tstress': False}}}),
+     ['camp.yaml:dft.parameters.CONTROL: unknown key', 'camp.yaml:dft.parameters.SYSTEM.ecutwfc: set by dft.ecutwfc',
+      'camp.yaml:dft.parameters.SYSTEM.nbnd: must be a number, string or true/false']),
     # unknown protocols and choices
     (lambda d: d.update(dft={'protocol': 'quick'}),
      ['camp.yaml:dft.protocol: `quick` is not one of fast, balanced, stringent']),

@@ -63,7 +63,9 @@ def build_campaign(campaign: dict, filename: str = '<campaign>'):
                   for name, material in campaign['materials'].items()}
     dft = campaign['dft']
     ecutwfc, ecutrho = campaign_cutoffs(campaign)
-    pw_base = {'pw': {'parameters': {'SYSTEM': {'ecutwfc': ecutwfc, 'ecutrho': ecutrho}}}}
+    parameters = {namelist: dict(entries) for namelist, entries in dft.get('parameters', {}).items()}
+    parameters.setdefault('SYSTEM', {}).update(ecutwfc=ecutwfc, ecutrho=ecutrho)
+    pw_base = {'pw': {'parameters': parameters}}
     if dft.get('kpoints_distance'):
         pw_base['kpoints_distance'] = dft['kpoints_distance']
     overrides = {'pw_base': pw_base, 'isolated_atoms': dft['isolated_atoms']}

@@ -150,6 +150,14 @@ DFT_KEYS = {
     'isolated_atoms': 'label each element alone in a box (E0 references for MACE)',
     'max_failure_fraction': 'largest tolerated fraction of dropped frames per class',
     'max_concurrent': 'largest number of pw.x runs of one labeling in flight at once (default: all)',
+    'parameters': 'pw.x input on top of the protocol: {SYSTEM: {...}, ELECTRONS: {...}} (e.g. nbnd, mixing_beta)',
+}
+#: pw.x namelists a campaign may add to, and the keys in them that the campaign sets itself (and why).
+PW_NAMELISTS = ('SYSTEM', 'ELECTRONS')
+PW_KEYS_SET_ELSEWHERE = {
+    'ecutwfc': 'dft.ecutwfc', 'ecutrho': 'dft.ecutrho', 'occupations': 'dft.electronic_type',
+    'nspin': 'spin-polarised labels are not offered (docs/campaigns.md)', 'conv_thr': 'the protocol, per atom',
+    'nat': 'the structure', 'ntyp': 'the structure', 'ibrav': 'the structure', 'celldm': 'the structure',
 }
 SAMPLING_KEYS = {
     'volumes': 'relative volume changes, e.g. [-0.04, 0, 0.04]',
@@ -266,11 +274,34 @@ def _check_dft(checker: _Checker, value) -> dict:
                                                      low=0, high=1)
     if value.get('max_concurrent') is not None:
         dft['max_concurrent'] = checker.number(value['max_concurrent'], 'dft.max_concurrent', integer=True, low=1)
+    if value.get('parameters') is not None:
+        dft['parameters'] = _check_pw_parameters(checker, value['parameters'])
     if (dft.get('ecutwfc') is None) != (dft.get('ecutrho') is None):
         checker.error('dft', 'give both ecutwfc and ecutrho, or neither (then the family\'s recommendation is used)')
     elif dft.get('ecutwfc') and dft.get('ecutrho') and dft['ecutrho'] < 4 * dft['ecutwfc']:
         checker.error('dft.ecutrho', f'must be >= 4 x ecutwfc = {4 * dft["ecutwfc"]} Ry, got {dft["ecutrho"]}')
     return dft
+
+
+def _check_pw_parameters(checker: _Checker, value) -> dict:
+    """``dft.parameters``: namelists of scalar pw.x settings, none of those the campaign sets by other keys."""
+    value = checker.mapping(value, 'dft.parameters', {name: 'pw.x namelist' for name in PW_NAMELISTS})
+    parameters = {}
+    for namelist, entries in value.items():
+        key = f'dft.parameters.{namelist}'
+        if namelist not in PW_NAMELISTS:
+            continue
+        if not isinstance(entries, dict):
+            checker.error(key, f'must be a mapping of pw.x keys, got {_type_name(entries)}')
+            continue
+        for name, setting in entries.items():
+            if name in PW_KEYS_SET_ELSEWHERE:
+                checker.error(f'{key}.{name}', f'set by {PW_KEYS_SET_ELSEWHERE[name]}, not here')
+            elif not isinstance(setting, (int, float, str, bool)):
+                checker.error(f'{key}.{name}', f'must be a number, string or true/false, got {_type_name(setting)}')
+            else:
+                parameters.setdefault(namelist, {})[name] = setting
+    return parameters
 
 
 def _check_sampling(checker: _Checker, value, key: str, base=None) -> dict:
