@@ -152,10 +152,16 @@ def test_finetune_mode_builds_a_naive_finetuning_of_a_covering_foundation(pw_cod
     assert not set(mace.parameters.get_dict()) & set(FIXED_BY_FOUNDATION)
 
 
-def test_pw_parameters_of_the_campaign_reach_its_labeling(pw_code, pseudo_family, mlip_codes):  # noqa: F811
-    """`dft.parameters` lands in the pw.x input of every labeling (seed, reference, targets share these inputs)."""
+def test_pw_parameters_and_validation_relax_of_the_campaign_reach_its_builder(pw_code, pseudo_family,  # noqa: F811
+                                                                              mlip_codes):  # noqa: F811
+    """`dft.parameters` lands in the pw.x input of every labeling (seed, reference, targets share these inputs);
+    `validation.relax` overrides the validation protocol's (`fast`: no DFT relaxation)."""
     campaign = load_campaign(CAMPAIGN)
+    assert build_campaign(campaign, 'si_ge_test.yaml').validation.relax.value is False
     campaign['dft']['parameters'] = {'ELECTRONS': {'mixing_beta': 0.3}, 'SYSTEM': {'nbnd': 20}}
-    parameters = build_campaign(campaign, 'si_ge_test.yaml').labeling.pw_base.pw.parameters.get_dict()
+    campaign['validation']['relax'] = True
+    builder = build_campaign(campaign, 'si_ge_test.yaml')
+    assert builder.validation.relax.value is True
+    parameters = builder.labeling.pw_base.pw.parameters.get_dict()
     assert parameters['ELECTRONS']['mixing_beta'] == 0.3 and parameters['SYSTEM']['nbnd'] == 20
     assert parameters['SYSTEM']['ecutwfc'] == campaign['dft']['ecutwfc']  # the campaign's own keys still apply

@@ -76,6 +76,7 @@ def test_shipped_campaign_files_are_valid(path):
     (lambda d: d['sampling'].update(volumes=0.02), ['camp.yaml:sampling.volumes: must be a list of numbers, got 0.02']),
     (lambda d: d.update(dft={'max_concurrent': 0}), ['camp.yaml:dft.max_concurrent: must be >= 1, got 0']),
     (lambda d: d.update(dft={'max_concurrent': 2.5}), ['camp.yaml:dft.max_concurrent: must be an integer']),
+    (lambda d: d['validation'].update(relax='yes'), ['camp.yaml:validation.relax: must be true or false']),
     (lambda d: d.update(dft={'parameters': {'SYSTEM': {'ecutwfc': 60, 'nbnd': [8]}, 'CONTROL': {'tstress': False}}}),
      ['camp.yaml:dft.parameters.CONTROL: unknown key', 'camp.yaml:dft.parameters.SYSTEM.ecutwfc: set by dft.ecutwfc',
       'camp.yaml:dft.parameters.SYSTEM.nbnd: must be a number, string or true/false']),

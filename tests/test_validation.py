@@ -125,3 +125,38 @@ def test_comparison_judges_cij_and_md_drift_and_stores_a_nan_error_as_a_failure(
     assert {name for name, passed in checks.items() if not passed} == {
         'elastic.cij_error_percent.C44', 'elastic.bulk_modulus_error_percent', 'md_stability.drift_mev_per_atom_ps'}
     assert checks['elastic.cij_error_percent.C11'] and checks['md_stability.unstable']
+
+
+def test_relax_validates_on_the_dft_relaxed_structure_once(mlip_codes, trained, pw_code, si2_structure):  # noqa: F811
+    """`relax`: one pw.x vc-relax of the 0.7 %-compressed Si2, every property on its result; a rerun with that
+    structure as reference runs no pw.x, and without DFT or that reference `relax` is refused."""
+    builder = validation_builder(mlip_codes, trained[0]['model'], si2_structure, pw_code=pw_code, properties=['eos'])
+    builder.relax = orm.Bool(True)
+    results, node = engine.run_get_node(builder)
+    assert node.is_finished_ok, node.exit_message
+    relaxations = [called for called in node.called if called.process_label == 'PwBaseWorkChain']
+    assert len(relaxations) == 1 and relaxations[0].inputs.pw.parameters['CONTROL']['calculation'] == 'vc-relax'
+    relaxed = results['dft']['relaxed_structure']
+    assert relaxed.uuid == relaxations[0].outputs.output_structure.uuid
+    eos_runs = [called for called in node.called if called.process_label == 'EquationOfStateWorkChain']
+    assert {run.inputs.structure.uuid for run in eos_runs} == {relaxed.uuid}  # both engines, the relaxed cell
+    per_atom = relaxed.get_cell_volume() / len(relaxed.sites)
+    assert per_atom > si2_structure.get_cell_volume() / 2 + 0.1  # expanded towards the DFT minimum (a0 5.49 Å)
+    # the DFT V0 of the scan is the relaxed volume: centred, not on an edge
+    assert results['dft']['eos']['v0'] == pytest.approx(per_atom, rel=0.005)
+    assert not results['dft']['eos']['minimum_near_edge']
+
+    pw_runs = orm.QueryBuilder().append(orm.CalcJobNode, filters={
+        'process_type': 'aiida.calculations:quantumespresso.pw'}).count()
+    again = validation_builder(mlip_codes, trained[0]['model'], si2_structure, properties=['eos'])
+    again.relax = orm.Bool(True)
+    again.reference = {port: results['dft'][port] for port in ('eos', 'eos_curve', 'relaxed_structure')}
+    second, second_node = engine.run_get_node(again)
+    assert second_node.is_finished_ok, second_node.exit_message
+    assert second['dft']['relaxed_structure'].uuid == relaxed.uuid
+    assert orm.QueryBuilder().append(orm.CalcJobNode, filters={
+        'process_type': 'aiida.calculations:quantumespresso.pw'}).count() == pw_runs
+
+    del again.reference['relaxed_structure']
+    with pytest.raises(ValueError, match='`relax` needs the DFT engine'):
+        engine.run(again)

@@ -111,6 +111,8 @@ def build_campaign(campaign: dict, filename: str = '<campaign>'):
         overrides = {'properties': validation['properties']}
         if validation['thresholds']:
             overrides['thresholds'] = validation['thresholds']
+        if validation.get('relax') is not None:
+            overrides['relax'] = validation['relax']
         builder.validation = _pruned(
             ValidationWorkChain.get_builder_from_protocol(codes['evaluate'], {}, first,
                                                          protocol=validation['protocol'], overrides=overrides),

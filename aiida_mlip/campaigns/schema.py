@@ -190,6 +190,7 @@ VALIDATION_KEYS = {
     'protocol': f'validation protocol ({", ".join(protocol_names("validation"))})',
     'properties': f'subset of {", ".join(VALIDATION_PROPERTIES)}',
     'thresholds': 'pass/fail limits on top of the protocol\'s',
+    'relax': 'relax with DFT first and validate on the DFT-relaxed structure (default: the protocol\'s)',
 }
 TRANSFERABILITY_KEYS = {
     'enabled': 'run the transferability matrix (needs >= 2 classes)',
@@ -514,6 +515,8 @@ def _check_validation(checker: _Checker, value) -> dict | None:
                                  {name: 'pass/fail limit' for name in validation_threshold_names()})
     validation['thresholds'] = {name: checker.number(limit, f'validation.thresholds.{name}', positive=True)
                                 for name, limit in thresholds.items() if name in validation_threshold_names()}
+    if value.get('relax') is not None:
+        validation['relax'] = checker.boolean(value['relax'], 'validation.relax')
     return validation
 
 

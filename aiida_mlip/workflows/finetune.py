@@ -669,6 +669,8 @@ class FineTuningWorkChain(ProtocolMixin, WorkChain):
                 reason=f'{node.process_label}<{node.pk}> exit {node.exit_status} ({node.exit_message}); '
                        f'no DFT {", ".join(missing)}')
         self.ctx.reference = {port: dft[port] for port in ports}
+        if 'relaxed_structure' in dft:  # a `relax` validation: later ones validate on it, no new DFT relaxation
+            self.ctx.reference['relaxed_structure'] = dft['relaxed_structure']
         if not node.is_finished_ok:
             self.ctx.validation_errors['zero_shot'] = f'{node.process_label}<{node.pk}> exit {node.exit_status}: ' \
                                                       f'{node.exit_message}'

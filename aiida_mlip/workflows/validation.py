@@ -4,6 +4,11 @@ For every chosen property (EOS, elastic tensor, phonons) the property WorkChain 
 engine and once with the ``dft`` engine, unless the DFT result is given as ``reference`` (e.g. the ``dft``
 outputs of an earlier validation: DFT is the expensive part, compute it once). With caching enabled for
 ``quantumespresso.pw`` a rerun reuses identical pw.x runs anyway.
+
+With ``relax`` the structure is first relaxed with DFT (pw.x vc-relax, the labels' settings) and every property of
+both engines is computed on the DFT-relaxed structure (output ``dft.relaxed_structure``; given as
+``reference.relaxed_structure`` it is reused and no pw.x runs): the validation then sits at the DFT minimum, not at
+a cell the user guessed (a guessed cell 2 % off put the DFT V0 on the edge of the scan and C on a compressed cell).
 """
 from __future__ import annotations
 
@@ -13,12 +18,13 @@ import math
 import numpy as np
 from aiida import orm
 from aiida.common import AttributeDict
-from aiida.engine import ToContext, WorkChain, calcfunction
+from aiida.engine import ToContext, WorkChain, calcfunction, if_
 from aiida.plugins import CalculationFactory, WorkflowFactory
 
 from aiida_mlip.analysis.validation import compare_elastic_results, compare_eos, compare_phonons, verdict
 from aiida_mlip.protocols import ProtocolMixin, validation_threshold_names
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain
+from aiida_mlip.workflows.properties.engine import dft_relax_inputs
 
 MlipEvaluateCalculation = CalculationFactory('mlip.evaluate')
 PROPERTY_WORKFLOWS = {
@@ -155,6 +161,8 @@ def validate_inputs(inputs, _):
         return f'no DFT engine (`dft`) and no complete `reference` for {missing}'
     if not inputs.get('mlip'):
         return 'the `mlip` engine (model(s) and code) is required'
+    if inputs['relax'].value and 'relaxed_structure' not in reference and not inputs.get('dft'):
+        return '`relax` needs the DFT engine (`dft`) or the DFT-relaxed structure as `reference.relaxed_structure`'
     return None
 
 
@@ -186,6 +194,14 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
         for ports in REFERENCE_OUTPUTS.values():
             for port in ports:
                 spec.input(f'reference.{port}', valid_type=orm.Data, required=False)
+        spec.input('reference.relaxed_structure', valid_type=orm.StructureData, required=False,
+                   help='The DFT-relaxed structure of an earlier validation (`dft.relaxed_structure`): with `relax`, '
+                        'used instead of a new DFT relaxation.')
+        spec.input('relax', valid_type=orm.Bool, default=lambda: orm.Bool(False),
+                   help='Relax `structure` with DFT first (positions and cell, pw.x vc-relax with the labels\' '
+                        'settings) and compute every property of both engines on the DFT-relaxed structure.')
+        spec.input('relax_fmax', valid_type=orm.Float, default=lambda: orm.Float(0.005),
+                   help='With `relax`: force threshold (eV/Å) of the DFT relaxation (pw.x forc_conv_thr).')
         for name, workflow in PROPERTY_WORKFLOWS.items():
             spec.expose_inputs(workflow, namespace=name, exclude=('structure', 'dft', 'mlip'),
                                namespace_options={'required': False, 'populate_defaults': True,
@@ -196,15 +212,21 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
                                               'help': 'Settings of the MD stability check.'})
         spec.inputs['md_stability'].validator = None
         spec.inputs.validator = validate_inputs
-        spec.outline(cls.run_properties, cls.inspect_properties, cls.compare)
+        spec.outline(
+            if_(cls.should_relax)(cls.run_relax, cls.inspect_relax),
+            cls.run_properties, cls.inspect_properties, cls.compare,
+        )
         for engine in ('mlip', 'dft'):
             for ports in REFERENCE_OUTPUTS.values():
                 for port in ports:
                     spec.output(f'{engine}.{port}', valid_type=orm.Data, required=False)
         spec.output('mlip.md_stability', valid_type=orm.Dict, required=False, help='The MD stability verdict.')
+        spec.output('dft.relaxed_structure', valid_type=orm.StructureData, required=False,
+                    help='With `relax`: the DFT-relaxed structure every property was computed on.')
         spec.output('comparison', valid_type=orm.Dict, help='Errors per property and the verdict (passed, failed).')
         spec.output_namespace('figures', valid_type=orm.SinglefileData, dynamic=True, help='PNG figures.')
         spec.exit_code(420, 'ERROR_PROPERTY_FAILED', message='Property workflows failed: {failed}')
+        spec.exit_code(421, 'ERROR_RELAX_FAILED', message='The DFT relaxation of the structure failed: {reason}')
 
     @classmethod
     def get_builder_from_protocol(cls, evaluate_code, models, structure, protocol=None, overrides=None,
@@ -220,6 +242,7 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
         builder.structure = structure
         builder.properties = orm.List(inputs['properties'])
         builder.thresholds = orm.Dict(inputs['thresholds'])
+        builder.relax = orm.Bool(inputs.get('relax', False))
         builder.mlip.code = orm.load_code(evaluate_code) if isinstance(evaluate_code, str) else evaluate_code
         builder.mlip.models = models if isinstance(models, dict) else {'model': models}
         builder.mlip.metadata = {'options': {'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 1}}}
@@ -246,12 +269,50 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
         reference = self.inputs.get('reference', {})
         return not all(port in reference for port in REFERENCE_OUTPUTS[name])
 
+    def should_relax(self) -> bool:
+        return self.inputs.relax.value
+
+    def run_relax(self):
+        """One pw.x vc-relax of ``structure``, unless the DFT-relaxed structure came as ``reference``."""
+        if 'relaxed_structure' in self.inputs.get('reference', {}):
+            return None
+        from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
+
+        inputs = dft_relax_inputs(self.exposed_inputs(DftLabelingWorkChain, namespace='dft'), self.inputs.structure,
+                                  True, self.inputs.relax_fmax.value, 100)
+        inputs.metadata = {'call_link_label': 'relax_dft'}
+        node = self.submit(PwBaseWorkChain, **inputs)
+        self.report(f'launched PwBaseWorkChain<{node.pk}> to relax positions and cell with DFT')
+        return ToContext(relaxation=node)
+
+    def inspect_relax(self):
+        """The DFT-relaxed structure becomes the validated one (output ``dft.relaxed_structure``)."""
+        reference = self.inputs.get('reference', {})
+        if 'relaxed_structure' in reference:
+            structure = reference['relaxed_structure']
+        else:
+            node = self.ctx.relaxation
+            if not node.is_finished_ok or 'output_structure' not in node.outputs:
+                return self.exit_codes.ERROR_RELAX_FAILED.format(
+                    reason=f'{node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message}')
+            structure = node.outputs.output_structure
+        self.ctx.structure = structure
+        self.out('dft.relaxed_structure', structure)
+        volumes = [s.get_cell_volume() / len(s.sites) for s in (self.inputs.structure, structure)]
+        self.report(f'validated structure: the DFT-relaxed one, volume {volumes[0]:.3f} -> {volumes[1]:.3f} Å³/atom')
+        return None
+
+    @property
+    def validated_structure(self) -> orm.StructureData:
+        """The DFT-relaxed structure with ``relax``, else the input ``structure``."""
+        return self.ctx.get('structure') or self.inputs.structure
+
     def run_properties(self):
         """Every property with the MLIP engine, and with DFT where no reference was given; all concurrently."""
         futures = {}
         if 'md_stability' in self.inputs.properties.get_list():
             inputs = AttributeDict(self.exposed_inputs(MdStabilityWorkChain, namespace='md_stability'))
-            inputs.structure = self.inputs.structure
+            inputs.structure = self.validated_structure
             inputs.mlip = {'code': self.inputs.md_code, 'models': self.inputs.mlip.models}
             inputs.metadata = {'call_link_label': 'md_stability_mlip'}
             futures['md_stability_mlip'] = self.submit(MdStabilityWorkChain, **inputs)
@@ -262,7 +323,7 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
             engines = ['mlip'] + (['dft'] if self._needs_dft(name) else [])
             for engine in engines:
                 inputs = AttributeDict(self.exposed_inputs(workflow, namespace=name))
-                inputs.structure = self.inputs.structure
+                inputs.structure = self.validated_structure
                 inputs[engine] = self.inputs[engine]
                 inputs.metadata = {'call_link_label': f'{name}_{engine}'}
                 futures[f'{name}_{engine}'] = self.submit(workflow, **inputs)

@@ -93,6 +93,36 @@ def relax_code_problem(inputs, why: str) -> str | None:
     return None
 
 
+def dft_relax_inputs(dft: dict, structure: orm.StructureData, relax_cell: bool, fmax: float, steps: int,
+                     conv_thr_per_atom: float | None = None) -> AttributeDict:
+    """PwBaseWorkChain inputs of a (vc-)relax from ``dft`` (the inputs of a ``dft`` namespace exposing
+    DftLabelingWorkChain): the same pw_base settings and pseudos as the labels."""
+    inputs = AttributeDict(dft['pw_base'])
+    inputs.pw = AttributeDict(inputs.pw)
+    inputs.pw.structure = structure
+    inputs.pw.pseudos = load_pseudo_family(dft['pseudo_family'].value).get_pseudos(structure=structure)
+    parameters = inputs.pw.parameters.get_dict()
+    control = parameters.setdefault('CONTROL', {})
+    control['calculation'] = 'vc-relax' if relax_cell else 'relax'
+    control['forc_conv_thr'] = fmax * EV_PER_A_TO_RY_PER_BOHR
+    control['nstep'] = steps
+    control.setdefault('tstress', True)
+    control.setdefault('tprnfor', True)
+    parameters.setdefault('IONS', {})
+    if relax_cell:
+        parameters.setdefault('CELL', {}).setdefault('cell_dofree', 'all')
+    electrons = parameters.setdefault('ELECTRONS', {})
+    if 'conv_thr_per_atom' in dft:
+        electrons['conv_thr'] = dft['conv_thr_per_atom'].value * len(structure.sites)
+    if conv_thr_per_atom is not None:
+        tight = conv_thr_per_atom * len(structure.sites)
+        electrons['conv_thr'] = min(electrons.get('conv_thr', tight), tight)
+    inputs.pw.parameters = orm.Dict(parameters)
+    if 'clean_workdir' in dft:
+        inputs.clean_workdir = dft['clean_workdir']
+    return inputs
+
+
 class EngineMixin:
     """Adds the ``dft``/``mlip`` input namespaces and the submit/collect steps to a property WorkChain."""
 
@@ -201,32 +231,9 @@ class EngineMixin:
 
     def dft_relax_inputs(self, structure: orm.StructureData, relax_cell: bool, fmax: float, steps: int,
                          conv_thr_per_atom: float | None = None) -> AttributeDict:
-        """PwBaseWorkChain inputs of a (vc-)relax from the ``dft`` namespace: same pw_base settings and pseudos."""
-        dft = self.exposed_inputs(DftLabelingWorkChain, namespace='dft')
-        inputs = AttributeDict(dft['pw_base'])
-        inputs.pw = AttributeDict(inputs.pw)
-        inputs.pw.structure = structure
-        inputs.pw.pseudos = load_pseudo_family(dft['pseudo_family'].value).get_pseudos(structure=structure)
-        parameters = inputs.pw.parameters.get_dict()
-        control = parameters.setdefault('CONTROL', {})
-        control['calculation'] = 'vc-relax' if relax_cell else 'relax'
-        control['forc_conv_thr'] = fmax * EV_PER_A_TO_RY_PER_BOHR
-        control['nstep'] = steps
-        control.setdefault('tstress', True)
-        control.setdefault('tprnfor', True)
-        parameters.setdefault('IONS', {})
-        if relax_cell:
-            parameters.setdefault('CELL', {}).setdefault('cell_dofree', 'all')
-        electrons = parameters.setdefault('ELECTRONS', {})
-        if 'conv_thr_per_atom' in dft:
-            electrons['conv_thr'] = dft['conv_thr_per_atom'].value * len(structure.sites)
-        if conv_thr_per_atom is not None:
-            tight = conv_thr_per_atom * len(structure.sites)
-            electrons['conv_thr'] = min(electrons.get('conv_thr', tight), tight)
-        inputs.pw.parameters = orm.Dict(parameters)
-        if 'clean_workdir' in dft:
-            inputs.clean_workdir = dft['clean_workdir']
-        return inputs
+        """PwBaseWorkChain inputs of a (vc-)relax from the ``dft`` namespace (:func:`dft_relax_inputs`)."""
+        return dft_relax_inputs(self.exposed_inputs(DftLabelingWorkChain, namespace='dft'), structure, relax_cell,
+                                fmax, steps, conv_thr_per_atom)
 
     def relaxed_structure(self, node):
         """(relaxed StructureData, None) or (None, ERROR_RELAX_FAILED) from the node of :meth:`submit_relax`."""
