@@ -24,7 +24,7 @@ from aiida.plugins import CalculationFactory, WorkflowFactory
 from aiida_mlip.analysis.validation import compare_elastic_results, compare_eos, compare_phonons, verdict
 from aiida_mlip.protocols import ProtocolMixin, validation_threshold_names
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain
-from aiida_mlip.workflows.properties.engine import dft_relax_inputs
+from aiida_mlip.workflows.properties.engine import dft_relax_inputs, dft_relaxed_structure
 
 MlipEvaluateCalculation = CalculationFactory('mlip.evaluate')
 PROPERTY_WORKFLOWS = {
@@ -291,11 +291,9 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
         if 'relaxed_structure' in reference:
             structure = reference['relaxed_structure']
         else:
-            node = self.ctx.relaxation
-            if not node.is_finished_ok or 'output_structure' not in node.outputs:
-                return self.exit_codes.ERROR_RELAX_FAILED.format(
-                    reason=f'{node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message}')
-            structure = node.outputs.output_structure
+            structure, reason = dft_relaxed_structure(self.ctx.relaxation, self.report)
+            if structure is None:
+                return self.exit_codes.ERROR_RELAX_FAILED.format(reason=reason)
         self.ctx.structure = structure
         self.out('dft.relaxed_structure', structure)
         volumes = [s.get_cell_volume() / len(s.sites) for s in (self.inputs.structure, structure)]

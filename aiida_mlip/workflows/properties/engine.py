@@ -123,6 +123,22 @@ def dft_relax_inputs(dft: dict, structure: orm.StructureData, relax_cell: bool, 
     return inputs
 
 
+def dft_relaxed_structure(node, report) -> tuple:
+    """(output structure, None) of a finished pw.x (vc-)relax PwBaseWorkChain, or (None, reason).
+
+    Exit 501: the ionic (and cell) minimisation converged, only the final SCF in the new plane-wave basis of a
+    vc-relax exceeds the thresholds (Pulay stress at low cutoffs); aiida-quantumespresso's PwBaseWorkChain then keeps
+    the structure as final. It is accepted, with a warning through ``report``.
+    """
+    final_scf_only = node.is_finished and node.exit_status == DFT_RELAX_FINAL_SCF_EXIT
+    if not (node.is_finished_ok or final_scf_only) or 'output_structure' not in node.outputs:
+        return None, f'{node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message}'
+    if final_scf_only:
+        report(f'warning: {node.process_label}<{node.pk}>: {node.exit_message} The relaxed structure is used; raise '
+               'the cutoffs (ecutwfc/ecutrho) to remove the Pulay stress.')
+    return node.outputs.output_structure, None
+
+
 class EngineMixin:
     """Adds the ``dft``/``mlip`` input namespaces and the submit/collect steps to a property WorkChain."""
 
@@ -238,17 +254,10 @@ class EngineMixin:
     def relaxed_structure(self, node):
         """(relaxed StructureData, None) or (None, ERROR_RELAX_FAILED) from the node of :meth:`submit_relax`."""
         if self.engine == 'dft':
-            # 501: the ionic (and cell) minimisation converged, only the final SCF in the new plane-wave basis of a
-            # vc-relax exceeds the thresholds (Pulay stress at low cutoffs); aiida-quantumespresso's PwBaseWorkChain
-            # then keeps the structure as final. The structure is accepted, with a warning.
-            final_scf_only = node.is_finished and node.exit_status == DFT_RELAX_FINAL_SCF_EXIT
-            if not (node.is_finished_ok or final_scf_only) or 'output_structure' not in node.outputs:
-                reason = f'{node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message}'
+            structure, reason = dft_relaxed_structure(node, self.report)
+            if structure is None:
                 return None, self.exit_codes.ERROR_RELAX_FAILED.format(engine='dft', reason=reason)
-            if final_scf_only:
-                self.report(f'warning: {node.process_label}<{node.pk}>: {node.exit_message} The relaxed structure is '
-                            'used; raise the cutoffs (ecutwfc/ecutrho) to remove the Pulay stress.')
-            return node.outputs.output_structure, None
+            return structure, None
         if not node.is_finished_ok or 'relaxed_structures' not in node.outputs \
                 or 'structure' not in node.outputs.relaxed_structures:
             reason = f'{node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message}'
