@@ -39,8 +39,8 @@ def test_campaign_finishes_with_every_stage(campaign_run):
     results, node = campaign_run
     assert node.is_finished_ok, (node.exit_status, node.exit_message)
     labels = set(called(node))
-    expected = {'labeling_silicon', 'labeling_germanium', 'merge_classes', 'training', 'validation_silicon',
-                'validation_germanium', 'transferability'}
+    expected = {'labeling_silicon', 'labeling_germanium', 'reference_silicon', 'reference_germanium',
+                'merge_classes', 'training', 'validation_silicon', 'validation_germanium', 'transferability'}
     assert expected <= labels, labels
     assert {'volumes_si', 'rattle_si', 'volumes_ge', 'rattle_ge'} <= labels  # the sampling calcfunctions
     assert sorted(results['models']) == ['member_0', 'member_1']
@@ -76,13 +76,20 @@ def test_model_is_trained_on_both_classes_and_traces_back_to_pw(campaign_run):
 
 
 def test_validation_per_class_uses_the_campaign_model_and_the_label_settings(campaign_run):
+    """The DFT reference is computed with the labels' settings while they are labeled (a ValidationWorkChain without
+    a model, launched with the labeling); the validation of the trained model reuses its very nodes, runs no pw.x."""
     results, node = campaign_run
     for label, element in (('silicon', 'Si'), ('germanium', 'Ge')):
-        validation = called(node)[f'validation_{label}']
+        validation, reference = called(node)[f'validation_{label}'], called(node)[f'reference_{label}']
         assert validation.inputs.structure.get_symbols_set() == {element}
         assert validation.inputs.mlip.models.member_0.uuid == results['models']['member_0'].uuid
-        system = validation.inputs.dft.pw_base.pw.parameters['SYSTEM']
+        incoming = {link.link_label for link in reference.base.links.get_incoming().all()}
+        assert not any(name.startswith('mlip') for name in incoming) and 'comparison' not in reference.outputs
+        assert reference.ctime < called(node)['training'].ctime  # started with the labeling, not after training
+        system = reference.inputs.dft.pw_base.pw.parameters['SYSTEM']
         assert (system['ecutwfc'], system['ecutrho']) == (20.0, 160.0)
+        assert validation.inputs.reference.eos.uuid == reference.outputs.dft.eos.uuid
+        assert not any(d.process_type == PW for d in validation.called_descendants)
         comparison = results['validation'][label].get_dict()
         assert set(comparison['verdict']) >= {'passed', 'failed'}
         eos = comparison['eos']

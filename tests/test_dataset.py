@@ -4,7 +4,9 @@ import pytest
 from aiida import orm
 from ase.build import bulk
 
-from aiida_mlip.calculations.datasets import merge_datasets, split_dataset, split_indices
+from aiida_mlip.calculations.datasets import (
+    extend_splits, extension_indices, merge_datasets, split_dataset, split_indices,
+)
 from aiida_mlip.calculations.sampling import (
     isolated_atom, make_supercell, rattle_structure, scale_volume, strain_structure,
 )
@@ -98,6 +100,34 @@ def test_group_split_keeps_groups_together_and_isolated_atoms_in_train():
     assert seen['IsolatedAtom'] == {'train'}
     assert sum(part.n_frames for part in parts.values()) == 13
     assert parts['train'].creator.process_label == 'split_dataset'
+
+
+def test_new_frames_join_the_splits_furthest_below_their_share():
+    fractions = {'train': 0.8, 'valid': 0.1, 'test': 0.1}
+    # 36 split 28/4/4: four more frames all train (40 -> 32/4/4), isolated atoms always train
+    assert extension_indices({'train': 28, 'valid': 4, 'test': 4}, ['rattle'] * 4, fractions, 1) == {
+        'train': [0, 1, 2, 3], 'valid': [], 'test': []}
+    twelve = extension_indices({'train': 28, 'valid': 4, 'test': 4}, ['rattle'] * 11 + ['IsolatedAtom'], fractions, 1)
+    assert [len(twelve[name]) for name in ('train', 'valid', 'test')] == [10, 1, 1] and 11 in twelve['train']
+    assert twelve == extension_indices({'train': 28, 'valid': 4, 'test': 4}, ['rattle'] * 11 + ['IsolatedAtom'],
+                                       fractions, 1)
+
+
+def test_extended_splits_keep_every_earlier_frame_where_it_was():
+    dataset = TrainingSet.from_ase(frames(10), fingerprint=FINGERPRINT, sources=[f'old{i}' for i in range(10)]).store()
+    fractions = orm.Dict({'train': 0.6, 'valid': 0.2, 'test': 0.2})
+    splits = split_dataset(dataset, fractions, orm.Int(1))
+    new = TrainingSet.from_ase(frames(5, seed=1), fingerprint=FINGERPRINT, sources=[f'new{i}' for i in range(5)]).store()
+    extended = extend_splits(fractions, orm.Int(2), new, **splits)
+    assert sorted(extended) == ['test', 'train', 'valid']
+    for name in ('train', 'valid', 'test'):
+        assert extended[name].source_uuids[:splits[name].n_frames] == splits[name].source_uuids
+    assert [extended[name].n_frames for name in ('train', 'valid', 'test')] == [9, 3, 3]
+    assert sorted(uuid for node in extended.values() for uuid in node.source_uuids if uuid.startswith('new')) == [
+        f'new{i}' for i in range(5)]
+    other = TrainingSet.from_ase(frames(1), fingerprint={**FINGERPRINT, 'ecutwfc': 50.0}).store()
+    with pytest.raises(ValueError, match='other DFT settings'):
+        extend_splits(orm.Dict({'train': 1.0}), orm.Int(1), other, train=splits['train'])
 
 
 def test_too_small_dataset_gives_a_clear_error():

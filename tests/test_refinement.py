@@ -87,12 +87,28 @@ def test_dft_reference_is_computed_once_and_reused(refined):
     assert len(pw_ancestors(results['dataset'])) == len(pw_ancestors(validations[0].inputs.mlip.models['member_0'])) + 3
 
 
+def test_later_iterations_go_on_from_the_previous_models_on_kept_splits(refined):
+    """retrain `previous` (the protocol's default): member i starts from member i of the iteration before, for 0.34 of
+    the epochs, and every split keeps its frames, so no model is scored on a frame it or its start has trained on."""
+    _, node = refined
+    trainings = sorted((c for c in node.called if c.process_label == 'TrainingWorkChain'), key=lambda n: n.pk)
+    assert len(trainings) == 3
+    incoming = {link.link_label for link in trainings[0].base.links.get_incoming().all()}
+    assert not any(label.startswith(('initial_models', 'splits')) for label in incoming)
+    for before, after in zip(trainings, trainings[1:]):
+        assert after.inputs.initial_models.member_0.uuid == before.outputs.models.member_0.uuid
+        for name, split in before.outputs.split.items():
+            assert after.outputs.split[name].source_uuids[:split.n_frames] == split.source_uuids
+        member = next(c for c in after.called if c.process_label == 'MaceTrainBaseWorkChain')
+        assert member.inputs.mace.parameters['max_num_epochs'] == 3  # round(0.34 x 8)
+        assert member.inputs.mace.foundation_model.uuid == before.outputs.models.member_0.uuid
+
+
 def test_a_passing_validation_stops_the_loop_at_once(refined, seed_dataset, pw_code, mlip_codes):  # noqa: F811
-    """With the reference of the first run given, the whole refinement runs no pw.x at all."""
+    """With the `reference` output of the first run given as input, the whole refinement runs no pw.x at all."""
     first, _ = refined
-    reference = {key.split('__', 1)[1]: value for key, value in first['reference'].items()}
     builder = refinement_builder(seed_dataset, diamond(), pw_code, mlip_codes, TRIVIAL, max_iterations=3)
-    builder.validation.reference = reference
+    builder.reference = dict(first['reference'])
     results, node = engine.run_get_node(builder)
     assert node.is_finished_ok, node.exit_message
     summary = results['summary'].get_dict()
@@ -112,6 +128,12 @@ def test_bad_inputs_are_refused_before_anything_runs(seed_dataset, pw_code, mlip
     builder = refinement_builder(seed_dataset, diamond(), pw_code, mlip_codes, TRIVIAL, max_new_labels=0)
     with pytest.raises(ValueError, match='max_new_labels'):
         engine.run(builder)
+    builder = refinement_builder(seed_dataset, diamond(), pw_code, mlip_codes, TRIVIAL)
+    builder.reference = {'silicon__eos': orm.Dict({'v0': 20.0})}
+    with pytest.raises(ValueError, match=r"reference: `silicon` is not one of the structures \['structure'\]"):
+        engine.run(builder)
+    with pytest.raises(ValueError, match='retrain.start must be one of'):
+        refinement_builder(seed_dataset, diamond(), pw_code, mlip_codes, TRIVIAL, retrain={'start': 'warm'})
 
 
 def test_report_plots_each_validation_error_against_the_dft_labels(refined, tmp_path):

@@ -45,6 +45,18 @@ def test_model_lineage_reaches_every_pw_calculation(trained_committee, si_datase
         assert orm.load_node(uuid).process_type == 'aiida.calculations:quantumespresso.pw'
 
 
+def test_given_splits_and_initial_models_are_checked_before_training(mlip_codes, si_dataset, si_splits,  # noqa: F811
+                                                                     trained_committee):  # noqa: F811
+    builder = TrainingWorkChain.get_builder_from_protocol(mlip_codes['mace_train'], si_dataset, protocol='fast')
+    builder.splits = {'train': si_splits['train'], 'test': si_splits['test']}  # the valid frames are missing
+    with pytest.raises(ValueError, match='they must be a partition of `dataset`'):
+        engine.run(builder)
+    builder.splits = dict(si_splits)
+    builder.initial_models = {'member_3': trained_committee[0]['models']['member_0']}
+    with pytest.raises(ValueError, match=r"initial_models: \['member_3'\] are not members of a committee of 1"):
+        engine.run(builder)
+
+
 def test_bad_committee_size_is_refused(mlip_codes, si_dataset):  # noqa: F811
     builder = TrainingWorkChain.get_builder_from_protocol(mlip_codes['mace_train'], si_dataset, protocol='fast')
     builder.committee_size = orm.Int(0)

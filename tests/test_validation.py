@@ -68,6 +68,9 @@ def test_validation_without_dft_or_reference_is_refused(mlip_codes, trained, si2
     builder = validation_builder(mlip_codes, trained[0]['model'], si2_structure)
     with pytest.raises(ValueError, match='no DFT engine'):
         engine.run(builder)
+    del builder.mlip
+    with pytest.raises(ValueError, match='give the `mlip` engine .*, the `dft` engine .*, or both'):
+        engine.run(builder)
 
 
 @pytest.mark.parametrize('thresholds, message', [

@@ -141,16 +141,15 @@ def split_dataset(dataset: TrainingSet, fractions: orm.Dict, seed: orm.Int, grou
     return {name: dataset.subset(chosen) for name, chosen in indices.items()}
 
 
-@calcfunction
-def merge_datasets(force: orm.Bool = None, **datasets) -> TrainingSet:
-    """Concatenate datasets; refuses ones labeled with different DFT settings unless ``force`` is True."""
-    nodes = [datasets[key] for key in sorted(datasets)]
+def concatenated(named: dict, force: bool = False) -> TrainingSet:
+    """One unstored dataset of ``named`` (key -> dataset, in key order); refuses other DFT settings unless ``force``."""
+    nodes = [named[key] for key in sorted(named)]
     if not nodes:
         raise ValueError('nothing to merge')
     reference = nodes[0].fingerprint
-    for key, node in zip(sorted(datasets), nodes):
+    for key, node in zip(sorted(named), nodes):
         differences = fingerprint_differences(reference, node.fingerprint)
-        if differences and not (force is not None and force.value):
+        if differences and not force:
             raise ValueError(
                 f'dataset `{key}` was labeled with other DFT settings ({"; ".join(differences)}); '
                 'mixing them corrupts training: relabel, or pass force=True'
@@ -162,6 +161,53 @@ def merge_datasets(force: orm.Bool = None, **datasets) -> TrainingSet:
     arrays = concatenate_arrays([node.get_arrays() for node in nodes])
     sources = [source for node in nodes for source in node.source_uuids]
     return TrainingSet(arrays=arrays, fingerprint=fingerprint, sources=sources)
+
+
+@calcfunction
+def merge_datasets(force: orm.Bool = None, **datasets) -> TrainingSet:
+    """Concatenate datasets; refuses ones labeled with different DFT settings unless ``force`` is True."""
+    return concatenated(datasets, force is not None and force.value)
+
+
+def extension_indices(sizes: dict, config_types: list, fractions: dict, seed: int) -> dict:
+    """Which split each new frame joins: the one furthest below its share of the grown total (seeded order).
+
+    ``sizes`` are the frame counts of the existing splits; they keep their frames. IsolatedAtom frames train.
+    """
+    names = [name for name in SPLIT_NAMES if fractions.get(name, 0) > 0]
+    sizes = {name: sizes.get(name, 0) for name in names}
+    total = sum(sizes.values()) + len(config_types)
+    chosen = {name: [] for name in names}
+    for index in np.random.default_rng(seed).permutation(len(config_types)):
+        if config_types[index] == ISOLATED_ATOM:
+            name = 'train'
+        else:
+            name = max(names, key=lambda n: (fractions[n] * total - sizes[n], -names.index(n)))
+        sizes[name] += 1
+        chosen[name].append(int(index))
+    return {name: sorted(indices) for name, indices in chosen.items()}
+
+
+@calcfunction
+def extend_splits(fractions: orm.Dict, seed: orm.Int, new: TrainingSet, **splits) -> dict:
+    """The ``splits`` (``train``/``valid``/``test`` datasets) with the frames of ``new`` added (seeded).
+
+    Every earlier frame stays in its split, so a model trained on the earlier train split and trained further on the
+    extended one is never scored on a frame it has seen, and the test errors of successive models share a test set.
+    """
+    config_types = list(new.get_arrays()['config_type'])
+    chosen = extension_indices({name: node.n_frames for name, node in splits.items()}, config_types,
+                               fractions.get_dict(), seed.value)
+    extended = {}
+    for name, indices in chosen.items():
+        earlier = splits.get(name)
+        if earlier is not None and indices:
+            extended[name] = concatenated({'dataset_0': earlier, 'dataset_1': new.subset(indices)})
+        elif earlier is not None:
+            extended[name] = earlier.subset(range(earlier.n_frames))  # a calcfunction returns new nodes only
+        elif indices:
+            extended[name] = new.subset(indices)
+    return extended
 
 
 @calcfunction

@@ -37,8 +37,10 @@ def refinement_inputs(settings: dict) -> dict:
     overrides = {key: settings[key] for key in ('max_iterations', 'max_new_labels', 'seed') if key in settings}
     if 'cells_per_check' in settings:
         overrides['targets'] = {'cells_per_check': settings['cells_per_check']}
+    if 'retrain' in settings:
+        overrides['retrain'] = {'start': settings['retrain']}
     inputs = RefinementWorkChain.get_protocol_inputs(settings['protocol'], overrides)
-    return {key: inputs[key] for key in ('max_iterations', 'max_new_labels', 'seed', 'targets')}
+    return {key: inputs[key] for key in ('max_iterations', 'max_new_labels', 'seed', 'targets', 'retrain')}
 
 
 def build_campaign(campaign: dict, filename: str = '<campaign>'):

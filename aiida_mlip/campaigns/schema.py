@@ -206,6 +206,7 @@ REFINEMENT_KEYS = {
     'max_new_labels': 'budget of new DFT labels over all iterations',
     'cells_per_check': 'new cells per failed property per iteration: {eos, elastic, phonons, md_stability}',
     'seed': 'seed of the targeted cells and MD',
+    'retrain': 'how each later iteration trains: `previous` (go on from the previous models) or `scratch`',
 }
 REFINEMENT_SECTIONS = ('eos', 'elastic', 'phonons', 'md_stability')
 
@@ -550,6 +551,8 @@ def _check_refinement(checker: _Checker, value) -> dict | None:
         if name in value:
             settings[name] = checker.number(value[name], f'refinement.{name}', integer=True,
                                             low=1 if name == 'max_new_labels' else 0)
+    if 'retrain' in value:
+        settings['retrain'] = checker.string(value['retrain'], 'refinement.retrain', choices=('previous', 'scratch'))
     if 'cells_per_check' in value:
         counts = checker.mapping(value['cells_per_check'], 'refinement.cells_per_check',
                                  {name: f'new cells when {name} fails' for name in REFINEMENT_SECTIONS})

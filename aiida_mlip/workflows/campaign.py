@@ -24,7 +24,7 @@ from aiida_mlip.workflows.checks import code_problem, elements_of
 from aiida_mlip.workflows.finetune import validation_key_errors
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain, family_problem
 from aiida_mlip.workflows.loop_helpers import test_errors
-from aiida_mlip.workflows.refinement import RefinementWorkChain
+from aiida_mlip.workflows.refinement import RefinementWorkChain, missing_reference
 from aiida_mlip.workflows.training import TrainingWorkChain
 from aiida_mlip.workflows.transferability import TransferabilityWorkChain
 from aiida_mlip.workflows.validation import ValidationWorkChain
@@ -194,10 +194,38 @@ class CampaignWorkChain(WorkChain):
             cells.update({f'{name}_strain_{i:02d}': (strained[key], 'strain') for i, key in enumerate(sorted(strained))})
         return cells
 
-    def run_labeling(self):
-        """One DftLabelingWorkChain per class, all with the same DFT settings, launched together."""
-        self._tick('labeling')
+    def _dft_engine(self) -> AttributeDict:
+        """The labels' DFT settings as the validation's DFT engine."""
+        dft = AttributeDict(self.exposed_inputs(DftLabelingWorkChain, namespace='labeling'))
+        for key in ('isolated_atoms', 'structure_overrides', 'isolated_atom_box'):
+            dft.pop(key, None)
+        return dft
+
+    def _submit_references(self) -> dict:
+        """The DFT reference of every class's validation (relaxation and properties; reference-only
+        ValidationWorkChains: no model yet). It needs no model, so it runs while the training data are labeled
+        instead of after the training: on a small machine its single long job (a phonon supercell) no longer
+        sits alone on one core at the end."""
+        campaign = self._campaign()
+        if not campaign.get('validation') or 'validation' not in self.inputs:
+            return {}
         futures = {}
+        for label, names in campaign['classes'].items():
+            inputs = AttributeDict(self.exposed_inputs(ValidationWorkChain, namespace='validation'))
+            inputs.structure = self.inputs.structures[names[0]]
+            inputs.dft = self._dft_engine()
+            inputs.metadata = {'call_link_label': f'reference_{label}'}
+            node = self.submit(ValidationWorkChain, **inputs)
+            self.report(f'DFT reference of `{label}` on {names[0]}: ValidationWorkChain<{node.pk}> (no model: DFT only, '
+                        'concurrently with the labeling)')
+            futures[f'reference_{label}'] = node
+        return futures
+
+    def run_labeling(self):
+        """One DftLabelingWorkChain per class, all with the same DFT settings, and the validation's DFT reference,
+        launched together."""
+        self._tick('labeling')
+        futures = self._submit_references()
         for label, cells in self.ctx.cells.items():
             inputs = AttributeDict(self.exposed_inputs(DftLabelingWorkChain, namespace='labeling'))
             inputs.structures = cells
@@ -209,6 +237,18 @@ class CampaignWorkChain(WorkChain):
         return ToContext(**futures)
 
     def inspect_labeling(self):
+        self.ctx.references = {}
+        failed = []
+        for label in self.ctx.cells:
+            node = self.ctx.get(f'reference_{label}')
+            if node is None:
+                continue
+            if not node.is_finished_ok or 'dft' not in node.outputs:
+                failed.append(f'{label} ({node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message})')
+                continue
+            self.ctx.references[label] = dict(node.outputs.dft)
+        if failed:
+            return self.exit_codes.ERROR_VALIDATION_FAILED.format(classes=f'DFT reference of {"; ".join(failed)}')
         failed, self.ctx.datasets = [], {}
         for label in self.ctx.cells:
             node = self.ctx[f'labeling_{label}']
@@ -241,9 +281,7 @@ class CampaignWorkChain(WorkChain):
         self._tick('refinement')
         self.ctx.dataset = self._merged_dataset()
         campaign = self._campaign()
-        labeling = AttributeDict(self.exposed_inputs(DftLabelingWorkChain, namespace='labeling'))
-        for key in ('isolated_atoms', 'structure_overrides', 'isolated_atom_box'):
-            labeling.pop(key, None)
+        labeling = self._dft_engine()
         validation = AttributeDict(self.exposed_inputs(ValidationWorkChain, namespace='validation'))
         inputs = AttributeDict({
             **self.inputs.refinement.get_dict(),
@@ -253,10 +291,12 @@ class CampaignWorkChain(WorkChain):
             'labeling': labeling,
             'validation': validation,
             'evaluate_code': self.inputs.evaluate_code,
+            'reference': {f'{label}__{port}': node for label, reference in self.ctx.references.items()
+                          for port, node in reference.items()},
             'metadata': {'call_link_label': 'refinement'},
         })
         for key, node_type in (('max_iterations', orm.Int), ('max_new_labels', orm.Int), ('seed', orm.Int),
-                               ('targets', orm.Dict)):
+                               ('targets', orm.Dict), ('retrain', orm.Dict)):
             if key in inputs:
                 inputs[key] = node_type(inputs[key])
         if 'md_code' in self.inputs:
@@ -328,10 +368,13 @@ class CampaignWorkChain(WorkChain):
                        'metadata': {'options': {'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 1}}}}
         if 'md_code' in self.inputs:
             inputs.md_code = self.inputs.md_code
-        dft = AttributeDict(self.exposed_inputs(DftLabelingWorkChain, namespace='labeling'))
-        for key in ('isolated_atoms', 'structure_overrides'):
-            dft.pop(key, None)
-        inputs.dft = dft
+        reference = self.ctx.get('references', {}).get(label, {})
+        if reference:
+            inputs.reference = reference
+        relax = inputs.get('relax', orm.Bool(False)).value
+        properties = inputs.get('properties', orm.List(['eos', 'elastic', 'phonons'])).get_list()
+        if missing_reference(reference, properties, relax):
+            inputs.dft = self._dft_engine()
         inputs.metadata = {'call_link_label': f'validation_{label}'}
         return inputs
 
@@ -376,7 +419,8 @@ class CampaignWorkChain(WorkChain):
             inputs.validation_structures = {label: self.inputs.structures[names[0]]
                                             for label, names in self._campaign()['classes'].items()}
             inputs.validation = {key: value for key, value in validation.items()
-                                 if key not in ('structure', 'mlip', 'metadata')}
+                                 if key not in ('structure', 'mlip', 'metadata', 'reference')}
+            inputs.validation.setdefault('dft', self._dft_engine())
         node = self.submit(TransferabilityWorkChain, **inputs)
         self.report(f'transferability of {len(self.ctx.datasets)} classes: TransferabilityWorkChain<{node.pk}>')
         return node

@@ -26,7 +26,8 @@ from aiida.plugins import DataFactory
 from aiida_mlip.analysis.refinement import (
     SECTIONS, allocate_cells, eos_failing_side, failed_sections, md_target_temperatures,
 )
-from aiida_mlip.calculations.datasets import merge_datasets
+from aiida_mlip.calculations.datasets import extend_splits, merge_datasets
+from aiida_mlip.calculations.mace_train import mace_parameters_problem
 from aiida_mlip.calculations.md import MlipMdCalculation
 from aiida_mlip.calculations.refinement import targeted_cells
 from aiida_mlip.protocols import ProtocolMixin, protocol_file
@@ -35,7 +36,7 @@ from aiida_mlip.workflows.checks import code_problem, elements_of, structures_pr
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain, family_problem
 from aiida_mlip.workflows.loop_helpers import md_run_outputs, test_errors
 from aiida_mlip.workflows.training import TrainingWorkChain
-from aiida_mlip.workflows.validation import ValidationWorkChain
+from aiida_mlip.workflows.validation import REFERENCE_OUTPUTS, ValidationWorkChain
 
 TrainingSet = DataFactory('mlip.dataset')
 MlipModel = DataFactory('mlip.model')
@@ -47,6 +48,9 @@ LABELING_PORTS_SET_BY_WORKFLOW = ('structures', 'config_types', 'structure_overr
 VALIDATION_PORTS_SET_BY_WORKFLOW = ('structure', 'mlip', 'dft', 'md_code')
 #: Settings of the targeted cells (the ``targets`` input): the protocol file's defaults, the one source of them.
 DEFAULT_TARGETS = protocol_file('refinement')['default_inputs']['targets']
+#: How every later iteration trains: from the previous committee (or from scratch), with these mace options.
+DEFAULT_RETRAIN = protocol_file('refinement')['default_inputs']['retrain']
+RETRAIN_STARTS = ('previous', 'scratch')
 
 
 def numeric_entries(values: dict) -> dict:
@@ -128,6 +132,38 @@ def validate_targets(value, _=None):
     return None
 
 
+def reference_by_label(nodes: dict) -> dict:
+    """``{label__port: node}`` (the ``reference`` output of a refinement) as ``{label: {port: node}}``."""
+    reference = {}
+    for key, node in nodes.items():
+        label, _, port = key.rpartition('__')
+        reference.setdefault(label, {})[port] = node
+    return reference
+
+
+def missing_reference(reference: dict, properties: list, relax: bool) -> list:
+    """The DFT results a validation would still have to compute, given ``reference`` (port -> node)."""
+    ports = [port for name in properties for port in REFERENCE_OUTPUTS.get(name, {})]
+    return [port for port in ports + (['relaxed_structure'] if relax else []) if port not in reference]
+
+
+def validate_retrain(value, _=None):
+    """``start`` is previous or scratch, ``epoch_fraction`` in (0, 1], ``mace`` holds mace_run_train options."""
+    if value is None:
+        return None
+    retrain = value.get_dict()
+    unknown = sorted(set(retrain) - set(DEFAULT_RETRAIN))
+    if unknown:
+        return f'retrain: unknown key(s) {unknown}; known: {sorted(DEFAULT_RETRAIN)}'
+    if retrain.get('start', 'previous') not in RETRAIN_STARTS:
+        return f'retrain.start must be one of {list(RETRAIN_STARTS)}, got {retrain["start"]!r}'
+    fraction = retrain.get('epoch_fraction', 1.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        return f'retrain.epoch_fraction must be a number in (0, 1], got {fraction!r}'
+    problem = mace_parameters_problem(retrain.get('mace', {}))
+    return f'retrain.mace: {problem}' if problem else None
+
+
 def validate_inputs(inputs, ctx=None):
     """Everything that can be checked before compute is spent."""
     required = ('dataset', 'structures', 'training', 'labeling', 'validation', 'evaluate_code')
@@ -156,6 +192,13 @@ def validate_inputs(inputs, ctx=None):
         problem = code_problem(inputs['md_code'], 'mlip.md', 'the MD stability check and its targeted MD')
         if problem:
             return problem
+    known_ports = {port for ports in REFERENCE_OUTPUTS.values() for port in ports} | {'relaxed_structure'}
+    for label, ports in reference_by_label(dict(inputs.get('reference', {}))).items():
+        if label not in structures:
+            return f'reference: `{label}` is not one of the structures {sorted(structures)}'
+        unknown = sorted(set(ports) - known_ports)
+        if unknown:
+            return f'reference: unknown result(s) {unknown} for `{label}`; known: {sorted(known_ports)}'
     labeling = inputs['labeling']
     problem = code_problem(labeling['pw_base']['pw'].get('code'), 'quantumespresso.pw', 'DFT labeling')
     if problem:
@@ -206,6 +249,15 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
                         'temperature), `md_steps`, `md_interval`, `md_trust_window` (eV/Å).')
         spec.input('seed', valid_type=orm.Int, default=lambda: orm.Int(1),
                    help='Seed of the targeted cells and MD (iteration i uses seed + i).')
+        spec.input('retrain', valid_type=orm.Dict, default=lambda: orm.Dict(DEFAULT_RETRAIN), validator=validate_retrain,
+                   help='Training of every iteration after the first: `start` `previous` (each member goes on from '
+                        'its previous model, naive fine-tuning, for `epoch_fraction` of the training\'s epochs) or '
+                        '`scratch`; `mace`: options that replace the training\'s for these runs. The splits are kept: '
+                        'the new labels join them.')
+        spec.input_namespace('reference', valid_type=orm.Data, dynamic=True, required=False,
+                             help='DFT reference already computed, as `<structure label>__<port>` (the `reference` '
+                                  'output of a refinement, or a ValidationWorkChain\'s `dft` outputs): those pw.x '
+                                  'runs are skipped in every iteration.')
         spec.inputs.validator = validate_inputs
         spec.outline(
             cls.setup,
@@ -295,6 +347,7 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
         builder.max_iterations = orm.Int(inputs['max_iterations'])
         builder.max_new_labels = orm.Int(inputs['max_new_labels'])
         builder.targets = orm.Dict(inputs['targets'])
+        builder.retrain = orm.Dict(inputs['retrain'])
         builder.seed = orm.Int(inputs['seed'])
         return builder
 
@@ -305,15 +358,28 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
         self.ctx.new_labels = 0
         self.ctx.passed = False
         self.ctx.stop_reason = None
-        self.ctx.reference = {}
+        self.ctx.reference = reference_by_label(dict(self.inputs.get('reference', {})))
         self.ctx.records = {}
         self.ctx.md_candidates = {}
         self.ctx.targets = {**DEFAULT_TARGETS, **self.inputs.targets.get_dict()}
 
     def run_training(self):
-        """A TrainingWorkChain from scratch on the current dataset."""
+        """A TrainingWorkChain on the current dataset: from scratch first, then as ``retrain`` says, on the splits of
+        the previous iteration extended by the new labels."""
         inputs = AttributeDict(self.exposed_inputs(TrainingWorkChain, namespace='training'))
         inputs.dataset = self.ctx.dataset
+        start = 'from scratch'
+        if self.ctx.iteration > 0:
+            inputs.splits = self.ctx.splits
+            retrain = {**DEFAULT_RETRAIN, **self.inputs.retrain.get_dict()}
+            if retrain['start'] == 'previous':
+                inputs.initial_models = self.ctx.models
+                parameters = inputs.training.mace.parameters.get_dict()
+                epochs = max(1, round(retrain['epoch_fraction'] * parameters.get('max_num_epochs', 2048)))
+                parameters = {**parameters, 'max_num_epochs': epochs, **retrain.get('mace', {})}
+                inputs.training = AttributeDict({**inputs.training, 'mace': AttributeDict(
+                    {**inputs.training.mace, 'parameters': orm.Dict(parameters)})})
+                start = 'from the previous committee'
         if not inputs.get('evaluate'):
             inputs.evaluate = {'code': self.inputs.evaluate_code,
                                'metadata': {'options': {'resources': {'num_machines': 1,
@@ -321,7 +387,7 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
         inputs.metadata = {'call_link_label': f'training_{self.ctx.iteration}'}
         node = self.submit(TrainingWorkChain, **inputs)
         self.report(f'iteration {self.ctx.iteration}: TrainingWorkChain<{node.pk}> on {self.ctx.dataset.n_frames} '
-                    'frames')
+                    f'frames, {start}')
         return ToContext(training=node)
 
     def inspect_training(self):
@@ -332,6 +398,7 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
                 iteration=self.ctx.iteration, reason=f'{node.process_label}<{node.pk}> exit {node.exit_status}: '
                                                      f'{node.exit_message}')
         self.ctx.models = {key: node.outputs.models[key] for key in sorted(node.outputs.models)}
+        self.ctx.splits = {name: node.outputs.split[name] for name in node.outputs.split}
         self.ctx.test_metrics = node.outputs.test_metrics if 'test_metrics' in node.outputs else None
         return None
 
@@ -346,7 +413,9 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
         reference = {**dict(inputs.get('reference', {})), **self.ctx.reference.get(label, {})}
         if reference:
             inputs.reference = reference
-        if not self.ctx.reference.get(label):
+        relax = inputs.get('relax', orm.Bool(False)).value
+        properties = inputs.get('properties', orm.List(['eos', 'elastic', 'phonons'])).get_list()
+        if missing_reference(reference, properties, relax):
             inputs.dft = self.exposed_inputs(DftLabelingWorkChain, namespace='labeling')
         inputs.metadata = {'call_link_label': f'validation_{label}_{self.ctx.iteration}'}
         return inputs
@@ -355,8 +424,9 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
         """One ValidationWorkChain per structure; the DFT reference of iteration 0 is reused afterwards."""
         futures = {}
         for label in sorted(self.inputs.structures):
-            node = self.submit(ValidationWorkChain, **self._validation_inputs(label))
-            reused = 'DFT reference reused' if self.ctx.reference.get(label) else 'computes the DFT reference'
+            inputs = self._validation_inputs(label)
+            node = self.submit(ValidationWorkChain, **inputs)
+            reused = 'computes the DFT reference' if 'dft' in inputs else 'DFT reference reused'
             self.report(f'iteration {self.ctx.iteration}: ValidationWorkChain<{node.pk}> on `{label}` ({reused})')
             futures[f'validation_{label}'] = node
         return ToContext(**futures)
@@ -366,8 +436,9 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
         comparisons = {}
         for label in sorted(self.inputs.structures):
             node = self.ctx[f'validation_{label}']
-            if not self.ctx.reference.get(label) and 'dft' in node.outputs:
-                self.ctx.reference[label] = {port: node.outputs.dft[port] for port in node.outputs.dft}
+            if 'dft' in node.outputs:
+                self.ctx.reference[label] = {**self.ctx.reference.get(label, {}),
+                                             **{port: node.outputs.dft[port] for port in node.outputs.dft}}
             if not node.is_finished_ok or 'comparison' not in node.outputs:
                 self._attach_outputs()
                 return self.exit_codes.ERROR_VALIDATION_FAILED.format(
@@ -539,6 +610,9 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
         self.ctx.new_labels += len(self.ctx.new_cells)
         self.ctx.dataset = merge_datasets(dataset_0=self.ctx.dataset, dataset_1=labeled,
                                           metadata={'call_link_label': f'merge_{self.ctx.iteration}'})
+        self.ctx.splits = extend_splits(self.inputs.training.split_fractions,
+                                        orm.Int(self.inputs.seed.value + self.ctx.iteration), labeled,
+                                        **self.ctx.splits, metadata={'call_link_label': f'splits_{self.ctx.iteration}'})
         self.report(f'iteration {self.ctx.iteration}: {labeled.n_frames} new label(s), dataset now '
                     f'{self.ctx.dataset.n_frames} frames ({self.ctx.new_labels} of {self.inputs.max_new_labels.value} '
                     'targeted labels used)')

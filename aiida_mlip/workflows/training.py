@@ -32,6 +32,18 @@ def validate_inputs(inputs, _):
         return 'split_fractions needs a positive train fraction'
     if inputs['dataset'].n_frames < 2:
         return f'the dataset has {inputs["dataset"].n_frames} frame(s): too few to train on'
+    splits = dict(inputs.get('splits', {}))
+    if splits:
+        if set(splits) - set(SPLIT_NAMES) or 'train' not in splits:
+            return f'splits must name `train` and optionally `valid`, `test`; got {sorted(splits)}'
+        counted = sum(node.n_frames for node in splits.values())
+        if counted != inputs['dataset'].n_frames:
+            return (f'the splits hold {counted} frames, the dataset {inputs["dataset"].n_frames}: they must be a '
+                    'partition of `dataset`')
+    members = {f'member_{member}' for member in range(size)}
+    unknown = sorted(set(inputs.get('initial_models', {})) - members)
+    if unknown:
+        return f'initial_models: {unknown} are not members of a committee of {size} (member_0 ... member_{size - 1})'
     return None
 
 
@@ -67,6 +79,14 @@ class TrainingWorkChain(ProtocolMixin, WorkChain):
                    help='Seed of the split; committee member i trains with seed + i.')
         spec.input('committee_size', valid_type=orm.Int, default=lambda: orm.Int(1),
                    help='Number of models trained with different seeds (docs/sources.md: ~4 for active learning).')
+        spec.input_namespace('splits', valid_type=TrainingSet, dynamic=True, required=False, populate_defaults=False,
+                             help='`train`, `valid`, `test`: a given partition of `dataset`, used instead of splitting '
+                                  'it (a refinement keeps its test set and never scores a model on frames its '
+                                  'starting model trained on).')
+        spec.input_namespace('initial_models', valid_type=MlipModel, dynamic=True, required=False,
+                             populate_defaults=False,
+                             help='`member_<i>`: start member i from this model (naive fine-tuning: its architecture, '
+                                  'weights, scale and shift) instead of from random weights.')
         spec.expose_inputs(MaceTrainBaseWorkChain, namespace='training',
                            exclude=('mace.train', 'mace.valid', 'mace.test'),
                            namespace_options={'help': 'Inputs of each member\'s MaceTrainBaseWorkChain.'})
@@ -129,11 +149,14 @@ class TrainingWorkChain(ProtocolMixin, WorkChain):
         frames of a symmetric cell has zero forces, scores every model's forces as perfect and picks the
         best checkpoint on nothing. Splits that are still too small to mean anything get a WARNING line.
         """
-        if 'split_group_by' in self.inputs:
-            kwargs = {'group_by': self.inputs.split_group_by}
+        if self.inputs.get('splits'):
+            self.ctx.split = dict(self.inputs.splits)
+        elif 'split_group_by' in self.inputs:
+            self.ctx.split = split_dataset(self.inputs.dataset, self.inputs.split_fractions, self.inputs.seed,
+                                           group_by=self.inputs.split_group_by)
         else:
-            kwargs = {'stratify_by': orm.Str('config_type')}
-        self.ctx.split = split_dataset(self.inputs.dataset, self.inputs.split_fractions, self.inputs.seed, **kwargs)
+            self.ctx.split = split_dataset(self.inputs.dataset, self.inputs.split_fractions, self.inputs.seed,
+                                           stratify_by=orm.Str('config_type'))
         for name, subset in self.ctx.split.items():
             self.out(f'split.{name}', subset)
             self.report(f'{name}: {subset.n_frames} frames')
@@ -152,9 +175,14 @@ class TrainingWorkChain(ProtocolMixin, WorkChain):
             for name in ('train', 'valid', 'test'):
                 if name in self.ctx.split:
                     inputs.mace[name] = self.ctx.split[name]
+            initial = self.inputs.get('initial_models', {}).get(f'member_{member}')
+            if initial is not None:
+                inputs.mace.foundation_model = initial
             inputs.metadata = {'call_link_label': f'train_member_{member}'}
             node = self.submit(MaceTrainBaseWorkChain, **inputs)
-            self.report(f'launched MaceTrainBaseWorkChain<{node.pk}> for member {member} (seed {parameters["seed"]})')
+            start = f'from MlipModel<{initial.pk}>' if initial is not None else 'from scratch'
+            self.report(f'launched MaceTrainBaseWorkChain<{node.pk}> for member {member} (seed {parameters["seed"]}, '
+                        f'{start})')
             futures[f'member_{member}'] = node
         return ToContext(**futures)
 

@@ -9,6 +9,9 @@ With ``relax`` the structure is first relaxed with DFT (pw.x vc-relax, the label
 both engines is computed on the DFT-relaxed structure (output ``dft.relaxed_structure``; given as
 ``reference.relaxed_structure`` it is reused and no pw.x runs): the validation then sits at the DFT minimum, not at
 a cell the user guessed (a guessed cell 2 % off put the DFT V0 on the edge of the scan and C on a compressed cell).
+
+Without ``mlip`` only the DFT side runs (relaxation and reference properties, outputs ``dft.*``, no comparison): the
+campaign computes the reference that way while the training data are still being labeled, and passes it on.
 """
 from __future__ import annotations
 
@@ -152,15 +155,15 @@ def validate_inputs(inputs, _):
     unknown = set(properties) - set(allowed)
     if unknown or not properties:
         return f'properties must be a non-empty subset of {allowed}, got {properties}'
-    if 'md_stability' in properties and 'md_code' not in inputs:
+    if 'md_stability' in properties and 'md_code' not in inputs and inputs.get('mlip'):
         return 'md_stability needs `md_code` (an `mlip.md` code, created by `aiida-mlip setup`)'
     reference = inputs.get('reference', {})
     missing = [p for p in properties if p in PROPERTY_WORKFLOWS
                and not all(port in reference for port in REFERENCE_OUTPUTS[p])]
     if missing and not inputs.get('dft'):
         return f'no DFT engine (`dft`) and no complete `reference` for {missing}'
-    if not inputs.get('mlip'):
-        return 'the `mlip` engine (model(s) and code) is required'
+    if not inputs.get('mlip') and not inputs.get('dft'):
+        return 'give the `mlip` engine (the model to validate), the `dft` engine (the DFT reference alone), or both'
     if inputs['relax'].value and 'relaxed_structure' not in reference and not inputs.get('dft'):
         return '`relax` needs the DFT engine (`dft`) or the DFT-relaxed structure as `reference.relaxed_structure`'
     return None
@@ -184,7 +187,8 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
                         'skipped (docs/validation.md gives their sources).')
         spec.expose_inputs(MlipEvaluateCalculation, namespace='mlip', exclude=('structures', 'dataset'),
                            namespace_options={'required': False, 'populate_defaults': False,
-                                              'help': 'The model (or committee) and the evaluation code.'})
+                                              'help': 'The model (or committee) and the evaluation code; without '
+                                                      'it only the DFT reference is computed (outputs `dft.*`).'})
         spec.expose_inputs(DftLabelingWorkChain, namespace='dft',
                            exclude=('structures', 'config_types', 'isolated_atoms'),
                            namespace_options={'required': False, 'populate_defaults': False,
@@ -223,7 +227,8 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
         spec.output('mlip.md_stability', valid_type=orm.Dict, required=False, help='The MD stability verdict.')
         spec.output('dft.relaxed_structure', valid_type=orm.StructureData, required=False,
                     help='With `relax`: the DFT-relaxed structure every property was computed on.')
-        spec.output('comparison', valid_type=orm.Dict, help='Errors per property and the verdict (passed, failed).')
+        spec.output('comparison', valid_type=orm.Dict, required=False,
+                    help='Errors per property and the verdict (passed, failed); absent without `mlip`.')
         spec.output_namespace('figures', valid_type=orm.SinglefileData, dynamic=True, help='PNG figures.')
         spec.exit_code(420, 'ERROR_PROPERTY_FAILED', message='Property workflows failed: {failed}')
         spec.exit_code(421, 'ERROR_RELAX_FAILED', message='The DFT relaxation of the structure failed: {reason}')
@@ -300,6 +305,10 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
         self.report(f'validated structure: the DFT-relaxed one, volume {volumes[0]:.3f} -> {volumes[1]:.3f} Å³/atom')
         return None
 
+    def has_model(self) -> bool:
+        """False in the reference-only mode (no `mlip` engine): the DFT side alone runs."""
+        return bool(self.inputs.get('mlip'))
+
     @property
     def validated_structure(self) -> orm.StructureData:
         """The DFT-relaxed structure with ``relax``, else the input ``structure``."""
@@ -308,7 +317,7 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
     def run_properties(self):
         """Every property with the MLIP engine, and with DFT where no reference was given; all concurrently."""
         futures = {}
-        if 'md_stability' in self.inputs.properties.get_list():
+        if 'md_stability' in self.inputs.properties.get_list() and self.has_model():
             inputs = AttributeDict(self.exposed_inputs(MdStabilityWorkChain, namespace='md_stability'))
             inputs.structure = self.validated_structure
             inputs.mlip = {'code': self.inputs.md_code, 'models': self.inputs.mlip.models}
@@ -318,7 +327,7 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
             if name in MODEL_ONLY:
                 continue
             workflow = PROPERTY_WORKFLOWS[name]
-            engines = ['mlip'] + (['dft'] if self._needs_dft(name) else [])
+            engines = (['mlip'] if self.has_model() else []) + (['dft'] if self._needs_dft(name) else [])
             for engine in engines:
                 inputs = AttributeDict(self.exposed_inputs(workflow, namespace=name))
                 inputs.structure = self.validated_structure
@@ -341,7 +350,7 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
         for name in self.inputs.properties.get_list():
             if name in MODEL_ONLY:
                 continue
-            for engine in ('mlip', 'dft'):
+            for engine in ('mlip', 'dft') if self.has_model() else ('dft',):
                 key = f'{name}_{engine}'
                 if key not in self.ctx:
                     for port in REFERENCE_OUTPUTS[name]:
@@ -366,6 +375,9 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
         return None
 
     def compare(self):
+        if not self.has_model():
+            self.report('no model given: the DFT reference alone was computed (outputs `dft.*`)')
+            return
         comparison = compare_properties(self.inputs.thresholds, orm.Dict(self.ctx.model_failures), **self.ctx.results,
                                         metadata={'call_link_label': 'compare'})
         self.out('comparison', comparison)
