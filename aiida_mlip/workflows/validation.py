@@ -157,13 +157,13 @@ def validate_inputs(inputs, _):
         return f'properties must be a non-empty subset of {allowed}, got {properties}'
     if 'md_stability' in properties and 'md_code' not in inputs and inputs.get('mlip'):
         return 'md_stability needs `md_code` (an `mlip.md` code, created by `aiida-mlip setup`)'
+    if not inputs.get('mlip') and not inputs.get('dft'):
+        return 'give the `mlip` engine (the model to validate), the `dft` engine (the DFT reference alone), or both'
     reference = inputs.get('reference', {})
     missing = [p for p in properties if p in PROPERTY_WORKFLOWS
                and not all(port in reference for port in REFERENCE_OUTPUTS[p])]
     if missing and not inputs.get('dft'):
         return f'no DFT engine (`dft`) and no complete `reference` for {missing}'
-    if not inputs.get('mlip') and not inputs.get('dft'):
-        return 'give the `mlip` engine (the model to validate), the `dft` engine (the DFT reference alone), or both'
     if inputs['relax'].value and 'relaxed_structure' not in reference and not inputs.get('dft'):
         return '`relax` needs the DFT engine (`dft`) or the DFT-relaxed structure as `reference.relaxed_structure`'
     return None
