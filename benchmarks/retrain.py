@@ -88,7 +88,7 @@ def main():
     from aiida_mlip.workflows.refinement import DEFAULT_RETRAIN
 
     refinement = refinement_of(orm.load_node(args.campaign))
-    if refinement.outputs.summary['n_iterations'] < 1:
+    if not any(link.link_label == "label_1" for link in refinement.base.links.get_outgoing().all()):
         raise SystemExit(f'{refinement.process_label}<{refinement.pk}> ran no refinement iteration: nothing to retrain')
     fraction = args.epoch_fraction or DEFAULT_RETRAIN['epoch_fraction']
     training, splits, dataset = extended_splits(refinement)

@@ -31,9 +31,9 @@ def test_refinement_section_is_normalised_and_resolved_against_the_protocol():
     assert inputs['max_iterations'] == 2  # the `fast` protocol's
     assert inputs['targets']['cells_per_check'] == {'eos': 3, 'elastic': 6, 'phonons': 4, 'md_stability': 4}
     assert check_campaign(SI)['refinement'] is None
-    assert inputs['retrain'] == {'start': 'previous', 'epoch_fraction': 0.34, 'mace': {}}
-    scratch = check_campaign(campaign_with(refinement={'retrain': 'scratch'}))['refinement']
-    assert refinement_inputs(scratch)['retrain']['start'] == 'scratch'
+    assert inputs['retrain'] == {'start': 'scratch', 'epoch_fraction': 0.34, 'mace': {}}
+    previous = check_campaign(campaign_with(refinement={'retrain': 'previous'}))['refinement']
+    assert refinement_inputs(previous)['retrain']['start'] == 'previous'
     assert 'camp.yaml:refinement.retrain: `warm` is not one of previous, scratch' in errors_of(
         campaign_with(refinement={'retrain': 'warm'}))[0]
 

@@ -41,7 +41,8 @@ def seed_dataset(pw_code, pseudo_family):
 def refined(seed_dataset, pw_code, mlip_codes):  # noqa: F811
     """Two refinement iterations against impossible EOS thresholds: 2 cells per check, a budget of 3 labels."""
     builder = refinement_builder(seed_dataset, diamond(), pw_code, mlip_codes, IMPOSSIBLE,
-                                 max_iterations=3, max_new_labels=3, targets={'cells_per_check': {'eos': 2}})
+                                 max_iterations=3, max_new_labels=3, targets={'cells_per_check': {'eos': 2}},
+                                 retrain={'start': 'previous'})  # the protocol's default is `scratch`
     return engine.run_get_node(builder)
 
 
@@ -88,8 +89,8 @@ def test_dft_reference_is_computed_once_and_reused(refined):
 
 
 def test_later_iterations_go_on_from_the_previous_models_on_kept_splits(refined):
-    """retrain `previous` (the protocol's default): member i starts from member i of the iteration before, for 0.34 of
-    the epochs, and every split keeps its frames, so no model is scored on a frame it or its start has trained on."""
+    """retrain `previous`: member i starts from member i of the iteration before, for 0.34 of the epochs, and every
+    split keeps its frames, so no model is scored on a frame it or its start has trained on."""
     _, node = refined
     trainings = sorted((c for c in node.called if c.process_label == 'TrainingWorkChain'), key=lambda n: n.pk)
     assert len(trainings) == 3
