@@ -251,6 +251,7 @@ def test_element_missing_from_model_refused(md_code, mlip_models):
     ({'thresholds': {'drift_mev_per_atom_per_ps': -1.0}}, 'must be positive'),
     ({'supercell': [2, 0, 1]}, 'supercell'),
     ({'equilibration_fraction': 1.0}, 'equilibration_fraction'),
+    ({'min_atoms': 0}, '`min_atoms` must be >= 1'),
 ])
 def test_workflow_validator(md_code, mlip_models, si8, change, message):
     from aiida.engine import run
@@ -259,6 +260,25 @@ def test_workflow_validator(md_code, mlip_models, si8, change, message):
     with pytest.raises(ValueError, match=message):
         run(_workflow_builder(md_code, {'tiny': mlip_models['seed1']}, si8, **change))
     assert count_calcjobs() == before
+
+
+def test_one_atom_md_is_refused_unless_repeated(md_code, mlip_models):
+    """One atom cannot move (its centre of mass is held fixed): a clear error, not an 'unstable' verdict."""
+    from aiida import orm
+    from aiida.engine import run
+    from ase.build import bulk
+
+    one_atom = orm.StructureData(ase=bulk('Si', 'sc', a=2.6))
+    before = count_calcjobs()
+    with pytest.raises(ValueError, match='the MD would run on one atom'):
+        run(_workflow_builder(md_code, {'tiny': mlip_models['seed1']}, one_atom))
+    assert count_calcjobs() == before
+    from aiida_mlip.workflows.properties.md_stability import md_atom_count
+
+    builder = _workflow_builder(md_code, {'tiny': mlip_models['seed1']}, one_atom, min_atoms=50)
+    assert md_atom_count(builder) == 64  # 4x4x4: 3x3x3 = 27 would be short of 50
+    builder = _workflow_builder(md_code, {'tiny': mlip_models['seed1']}, one_atom, supercell=[2, 1, 1], min_atoms=3)
+    assert md_atom_count(builder) == 16  # 2 atoms after `supercell`, then 2x2x2
 
 
 def test_calcjob_validator_messages(mlip_models, si8, evaluate_code):
@@ -285,7 +305,7 @@ def test_calcjob_validator_messages(mlip_models, si8, evaluate_code):
     spec_inputs = MdStabilityWorkChain.spec().inputs
     inputs = {'structure': si8, 'mlip': {'code': evaluate_code, 'models': mlip_models}}
     for port in ('temperatures', 'steps', 'nve_steps', 'timestep_fs', 'interval', 'friction',
-                 'equilibration_fraction', 'rdf_r_max', 'rdf_n_bins'):
+                 'equilibration_fraction', 'rdf_r_max', 'rdf_n_bins', 'min_atoms'):
         inputs[port] = spec_inputs[port].default()
     assert 'needs a `mlip.md` code' in validate_workflow(inputs)
 

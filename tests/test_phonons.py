@@ -5,7 +5,8 @@ from aiida import engine, orm
 
 from aiida_mlip.analysis.phonons import IMAGINARY_THRESHOLD_THZ
 from aiida_mlip.workflows.properties.phonons import (
-    PhononWorkChain, SYMPREC, ase_atoms, make_phonopy, phonon_analysis, seekpath_band_path, supercell_matrix_of,
+    PhononWorkChain, SYMPREC, ase_atoms, forces_vanish_by_symmetry, make_phonopy, phonon_analysis, seekpath_band_path,
+    supercell_matrix_of,
 )
 
 from .conftest import count_calcjobs
@@ -24,8 +25,9 @@ def si2_equilibrium():
     return orm.StructureData(ase=bulk('Si', 'diamond', a=5.45))
 
 
-def emt_phonons(atoms, repetitions=(3, 3, 3), mesh=(8, 8, 8)):
-    """phonon_analysis of ``atoms`` with ASE's EMT potential as the engine (no AiiDA, ~1 s)."""
+def emt_phonons(atoms, repetitions=(3, 3, 3), mesh=(8, 8, 8), perfect=True):
+    """phonon_analysis of ``atoms`` with ASE's EMT potential as the engine (no AiiDA, ~1 s); ``perfect=False``: the
+    perfect supercell is not evaluated, its forces taken as zero by symmetry."""
     from ase.calculators.emt import EMT
 
     matrix = supercell_matrix_of(list(repetitions))
@@ -37,6 +39,7 @@ def emt_phonons(atoms, repetitions=(3, 3, 3), mesh=(8, 8, 8)):
         'displacement_dataset': {'natom': phonon.dataset['natom'], 'first_atoms': [
             {'number': d['number'], 'displacement': d['displacement'].tolist()}
             for d in phonon.dataset['first_atoms']]},
+        'pristine_forces_zero_by_symmetry': not perfect,
     }
 
     def evaluate(cell):
@@ -47,7 +50,33 @@ def emt_phonons(atoms, repetitions=(3, 3, 3), mesh=(8, 8, 8)):
         return frame
 
     displaced = [evaluate(cell) for cell in phonon.supercells_with_displacements]
-    return phonon_analysis(atoms, setup, displaced, evaluate(phonon.supercell), list(mesh))
+    return phonon_analysis(atoms, setup, displaced, evaluate(phonon.supercell) if perfect else None, list(mesh))
+
+
+def test_forces_vanish_by_symmetry_only_where_no_site_has_a_free_direction():
+    from ase.build import bulk
+
+    for atoms in (bulk('Si', 'diamond', a=5.45), bulk('Cu', 'fcc', a=3.6), bulk('Fe', 'bcc', a=2.87),
+                  bulk('NaCl', 'rocksalt', a=5.64), bulk('Si', 'diamond', a=5.45, cubic=True)):
+        assert forces_vanish_by_symmetry(atoms), atoms
+    wurtzite = bulk('ZnO', 'wurtzite', a=3.25, c=5.2, u=0.38)  # the free u parameter: a force along c is allowed
+    rattled = bulk('Si', 'diamond', a=5.45, cubic=True)
+    rattled.rattle(0.01, seed=1)
+    assert not forces_vanish_by_symmetry(wurtzite) and not forces_vanish_by_symmetry(rattled)
+
+
+def test_perfect_supercell_skipped_by_symmetry_changes_nothing():
+    """fcc Cu: zero forces by symmetry instead of the evaluated perfect supercell give the same phonons; without
+    the setup's word for it, no perfect supercell is an error, not zeros."""
+    from ase.build import bulk
+
+    copper = bulk('Cu', 'fcc', a=3.6)
+    evaluated, skipped = emt_phonons(copper, mesh=(4, 4, 4)), emt_phonons(copper, mesh=(4, 4, 4), perfect=False)
+    np.testing.assert_allclose(skipped['band_frequencies'], evaluated['band_frequencies'], atol=1e-6)
+    assert skipped['summary']['pristine_forces_zero_by_symmetry'] and not skipped['summary']['residual_forces_subtracted']
+    assert skipped['summary']['n_atoms_supercell'] == evaluated['summary']['n_atoms_supercell'] == 27
+    with pytest.raises(ValueError, match='do not vanish by symmetry'):
+        phonon_analysis(copper, {'pristine_forces_zero_by_symmetry': False}, [], None, [4, 4, 4])
 
 
 def test_phonopy_plumbing_on_fcc_copper_with_emt():
@@ -101,11 +130,13 @@ def test_dft_phonons_of_silicon(pw_code, pseudo_family, si2_equilibrium):
     summary = results['phonon_summary'].get_dict()
     print('phonons', {k: v for k, v in summary.items() if 'qpoints' not in k})
     assert summary['n_displacements'] == 1 and summary['n_atoms_supercell'] == 16
-    assert results['frames'].n_frames == 2
+    # diamond: every site is -43m, the perfect supercell's forces are zero by symmetry: one pw.x, not two
+    assert summary['pristine_forces_zero_by_symmetry'] and results['frames'].n_frames == 1
+    assert sum(1 for d in node.called_descendants if d.process_type == 'aiida.calculations:quantumespresso.pw') == 1
     # equilibrium Si is dynamically stable: nothing below the threshold anywhere on the path or the mesh
     assert not summary['has_imaginary'], summary
     assert summary['min_frequency_thz'] > IMAGINARY_THRESHOLD_THZ
-    # acoustic modes at Gamma ~ 0, even before the acoustic sum rule is imposed (residual forces subtracted)
+    # acoustic modes at Gamma ~ 0, even before the acoustic sum rule is imposed
     gamma = np.sort(summary['gamma_frequencies_thz'])
     assert np.all(np.abs(gamma[:3]) < 0.3)
     assert summary['gamma_acoustic_max_abs_unsymmetrised_thz'] < 0.3

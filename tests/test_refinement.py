@@ -4,6 +4,7 @@ validation stops it at once (thresholds set so that the verdict is known before 
 measured by the main job and benchmarks/refinement.py, not here)."""
 import pytest
 from aiida import engine, orm
+from aiida.common.links import LinkType
 
 from .conftest import TEST_FAMILY, TEST_PW_OVERRIDES
 from .fixtures_mlip import diamond, label_si, mlip_codes  # noqa: F401  (fixture)
@@ -76,14 +77,19 @@ def test_targeted_cells_are_off_the_validation_volumes(refined):
 
 
 def test_dft_reference_is_computed_once_and_reused(refined):
+    """One reference workflow without a model, launched with the first training (not after it); no validation
+    runs pw.x, every comparison is against the very nodes of that one DFT run."""
     results, node = refined
-    validations = sorted((c for c in node.called if c.process_label == 'ValidationWorkChain'), key=lambda n: n.pk)
+    calls = {link.link_label: link.node for link in node.base.links.get_outgoing(link_type=LinkType.CALL_WORK).all()}
+    reference, training = calls['reference_structure'], calls['training_0']
+    assert 'mlip' not in reference.inputs and 'comparison' not in reference.outputs
+    assert pw_calculations_below(reference) >= 5  # the EOS scan (and the relaxation, when it relaxes)
+    assert reference.ctime < training.ctime + (training.mtime - training.ctime) / 2  # not after the training
+    validations = sorted((c for label, c in calls.items() if label.startswith('validation_')), key=lambda n: n.pk)
     assert len(validations) == 3
-    assert pw_calculations_below(validations[0]) >= 5  # the EOS scan (and the relaxation, when it relaxes)
-    assert [pw_calculations_below(v) for v in validations[1:]] == [0, 0]
-    # every later comparison is against the very nodes of the first DFT run
-    first = validations[0].outputs.dft.eos.uuid
-    assert all(v.inputs.reference.eos.uuid == first for v in validations[1:])
+    assert [pw_calculations_below(v) for v in validations] == [0, 0, 0]
+    assert all(v.inputs.reference.eos.uuid == reference.outputs.dft.eos.uuid for v in validations)
+    assert results['reference']['structure__eos'].uuid == reference.outputs.dft.eos.uuid
     # the final dataset's labels all come from pw.x runs: 3 targeted ones beyond the seed's
     assert len(pw_ancestors(results['dataset'])) == len(pw_ancestors(validations[0].inputs.mlip.models['member_0'])) + 3
 

@@ -44,6 +44,8 @@ def test_both_engines_ran_and_figures_exist(validated):
     md = results['comparison']['md_stability']
     assert isinstance(md['unstable'], bool)
     assert results['mlip']['md_stability']['stable'] == (not md['unstable'])
+    md_cell = node.base.links.get_outgoing(link_label_filter='md_stability_mlip').one().node.outputs.structure
+    assert len(md_cell.sites) == 54  # Si2 repeated 3x3x3: the protocol's min_atoms 50, not the 2-atom cell
     assert sorted(results['figures']) == ['cij_parity', 'eos_overlay', 'phonon_bands']
     with results['figures']['eos_overlay'].open(mode='rb') as handle:
         assert handle.read(8) == b'\x89PNG\r\n\x1a\n'

@@ -22,6 +22,7 @@ __all__ = [
     'md_verdict',
     'minimum_distance',
     'radial_distribution',
+    'repetitions_for',
     'temperature_statistics',
 ]
 
@@ -254,3 +255,11 @@ def md_verdict(
                         f'{target} K (limit {100 * used["temperature_rel_deviation"]:.0f} %)'
                     )
     return {'stable': not reasons, 'reasons': reasons, 'thresholds': used, 'checks': checks}
+
+
+def repetitions_for(n_atoms: int, min_atoms: int) -> int:
+    """The smallest n with n^3 * n_atoms >= min_atoms: the cell repeated n x n x n along its own vectors."""
+    n = 1
+    while n ** 3 * n_atoms < min_atoms:
+        n += 1
+    return n

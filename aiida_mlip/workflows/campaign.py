@@ -27,7 +27,7 @@ from aiida_mlip.workflows.loop_helpers import test_errors
 from aiida_mlip.workflows.refinement import RefinementWorkChain, missing_reference
 from aiida_mlip.workflows.training import TrainingWorkChain
 from aiida_mlip.workflows.transferability import TransferabilityWorkChain
-from aiida_mlip.workflows.validation import ValidationWorkChain
+from aiida_mlip.workflows.validation import ValidationWorkChain, submit_references
 
 PW_PROCESS_TYPE = 'aiida.calculations:quantumespresso.pw'
 
@@ -203,29 +203,27 @@ class CampaignWorkChain(WorkChain):
 
     def _submit_references(self) -> dict:
         """The DFT reference of every class's validation (relaxation and properties; reference-only
-        ValidationWorkChains: no model yet). It needs no model, so it runs while the training data are labeled
-        instead of after the training: on a small machine its single long job (a phonon supercell) no longer
-        sits alone on one core at the end."""
+        ValidationWorkChains: no model yet). It needs no model, so it runs while the training data are labeled and
+        trained on, and is awaited only with the training: on a small machine its long jobs (the relaxation, then a
+        phonon supercell) neither hold the training back nor sit alone on one core at the end. A refinement computes
+        it itself, with its first training."""
         campaign = self._campaign()
-        if not campaign.get('validation') or 'validation' not in self.inputs:
+        if not campaign.get('validation') or 'validation' not in self.inputs or self.should_refine():
             return {}
-        futures = {}
+        inputs_by_label = {}
         for label, names in campaign['classes'].items():
             inputs = AttributeDict(self.exposed_inputs(ValidationWorkChain, namespace='validation'))
             inputs.structure = self.inputs.structures[names[0]]
             inputs.dft = self._dft_engine()
-            inputs.metadata = {'call_link_label': f'reference_{label}'}
-            node = self.submit(ValidationWorkChain, **inputs)
-            self.report(f'DFT reference of `{label}` on {names[0]}: ValidationWorkChain<{node.pk}> (no model: DFT only, '
-                        'concurrently with the labeling)')
-            futures[f'reference_{label}'] = node
-        return futures
+            inputs_by_label[label] = inputs
+        return submit_references(self, inputs_by_label, 'concurrently with the labeling')
 
     def run_labeling(self):
         """One DftLabelingWorkChain per class, all with the same DFT settings, and the validation's DFT reference,
         launched together."""
         self._tick('labeling')
-        futures = self._submit_references()
+        self.ctx.reference_nodes = self._submit_references()
+        futures = {}
         for label, cells in self.ctx.cells.items():
             inputs = AttributeDict(self.exposed_inputs(DftLabelingWorkChain, namespace='labeling'))
             inputs.structures = cells
@@ -237,18 +235,6 @@ class CampaignWorkChain(WorkChain):
         return ToContext(**futures)
 
     def inspect_labeling(self):
-        self.ctx.references = {}
-        failed = []
-        for label in self.ctx.cells:
-            node = self.ctx.get(f'reference_{label}')
-            if node is None:
-                continue
-            if not node.is_finished_ok or 'dft' not in node.outputs:
-                failed.append(f'{label} ({node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message})')
-                continue
-            self.ctx.references[label] = dict(node.outputs.dft)
-        if failed:
-            return self.exit_codes.ERROR_VALIDATION_FAILED.format(classes=f'DFT reference of {"; ".join(failed)}')
         failed, self.ctx.datasets = [], {}
         for label in self.ctx.cells:
             node = self.ctx[f'labeling_{label}']
@@ -291,8 +277,6 @@ class CampaignWorkChain(WorkChain):
             'labeling': labeling,
             'validation': validation,
             'evaluate_code': self.inputs.evaluate_code,
-            'reference': {f'{label}__{port}': node for label, reference in self.ctx.references.items()
-                          for port, node in reference.items()},
             'metadata': {'call_link_label': 'refinement'},
         })
         for key, node_type in (('max_iterations', orm.Int), ('max_new_labels', orm.Int), ('seed', orm.Int),
@@ -340,13 +324,23 @@ class CampaignWorkChain(WorkChain):
         what = 'fine-tuning the foundation' if label == 'finetune' else 'training from scratch'
         self.report(f'{what}: TrainingWorkChain<{node.pk}> on {dataset.n_frames} frames of '
                     f'{len(datasets)} class(es), committee of {inputs.committee_size.value}')
-        return ToContext(training=node)
+        return ToContext(training=node, **self.ctx.reference_nodes)
 
     def inspect_training(self):
         node = self.ctx.training
         if not node.is_finished_ok:
             return self.exit_codes.ERROR_TRAINING_FAILED.format(
                 reason=f'{node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message}')
+        self.ctx.references, failed = {}, []
+        for key in self.ctx.reference_nodes:
+            reference, label = self.ctx[key], key.removeprefix('reference_')
+            if not reference.is_finished_ok or 'dft' not in reference.outputs:
+                failed.append(f'{label} ({reference.process_label}<{reference.pk}> exit {reference.exit_status}: '
+                              f'{reference.exit_message})')
+                continue
+            self.ctx.references[label] = dict(reference.outputs.dft)
+        if failed:
+            return self.exit_codes.ERROR_VALIDATION_FAILED.format(classes=f'DFT reference of {"; ".join(failed)}')
         self.ctx.models = dict(node.outputs.models)
         for name, model in self.ctx.models.items():
             self.out(f'models.{name}', model)

@@ -3,8 +3,9 @@
 One iteration::
 
     TrainingWorkChain (committee, from scratch on the current dataset, scored on its test split)
-      -> ValidationWorkChain per structure (iteration 0 computes the DFT reference; every later one reuses it, so
-         no pw.x runs for the validation after the first)
+         (iteration 0 only: with it, a ValidationWorkChain without a model per structure computes the DFT reference,
+         so the training and the reference's pw.x share the machine instead of taking turns)
+      -> ValidationWorkChain per structure (the DFT reference reused: no pw.x runs for any validation)
       -> PASSED on every structure: stop.  Budget spent (iterations or DFT labels): stop, FAILED is the result.
       -> targeted_cells (calcfunction, policy in aiida_mlip.analysis.refinement): each failed property section
          becomes new cells around the validated structure -- EOS: volumes off the validation grid, the failing side
@@ -23,6 +24,7 @@ from aiida.common import AttributeDict
 from aiida.engine import ToContext, WorkChain, calcfunction, if_, while_
 from aiida.plugins import DataFactory
 
+from aiida_mlip.analysis.md import repetitions_for
 from aiida_mlip.analysis.refinement import (
     SECTIONS, allocate_cells, eos_failing_side, failed_sections, md_target_temperatures,
 )
@@ -30,13 +32,14 @@ from aiida_mlip.calculations.datasets import extend_splits, merge_datasets
 from aiida_mlip.calculations.mace_train import mace_parameters_problem
 from aiida_mlip.calculations.md import MlipMdCalculation
 from aiida_mlip.calculations.refinement import targeted_cells
+from aiida_mlip.calculations.sampling import make_supercell
 from aiida_mlip.protocols import ProtocolMixin, protocol_file
 from aiida_mlip.workflows.active_learning import labeling_fingerprint_problem, select_md_frames
 from aiida_mlip.workflows.checks import code_problem, elements_of, structures_problem
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain, family_problem
 from aiida_mlip.workflows.loop_helpers import md_run_outputs, test_errors
 from aiida_mlip.workflows.training import TrainingWorkChain
-from aiida_mlip.workflows.validation import REFERENCE_OUTPUTS, ValidationWorkChain
+from aiida_mlip.workflows.validation import REFERENCE_OUTPUTS, ValidationWorkChain, submit_references
 
 TrainingSet = DataFactory('mlip.dataset')
 MlipModel = DataFactory('mlip.model')
@@ -108,14 +111,20 @@ def summarize_refinement(parameters: orm.Dict, **iterations) -> orm.Dict:
     })
 
 
+def settings_of(value, name: str, known: dict) -> tuple:
+    """(the Dict's content, or None without one; the problem if it has keys ``known`` has not)."""
+    if value is None:
+        return None, None
+    given = value.get_dict()
+    unknown = sorted(set(given) - set(known))
+    return given, (f'{name}: unknown key(s) {unknown}; known: {sorted(known)}' if unknown else None)
+
+
 def validate_targets(value, _=None):
     """The ``targets`` settings: known keys, non-negative counts, a valid MD trust window."""
-    if value is None:
-        return None
-    targets = value.get_dict()
-    unknown = sorted(set(targets) - set(DEFAULT_TARGETS))
-    if unknown:
-        return f'targets: unknown key(s) {unknown}; known: {sorted(DEFAULT_TARGETS)}'
+    targets, problem = settings_of(value, 'targets', DEFAULT_TARGETS)
+    if problem or targets is None:
+        return problem
     counts = targets.get('cells_per_check', {})
     bad = {key: count for key, count in counts.items()
            if key not in SECTIONS or not isinstance(count, int) or isinstance(count, bool) or count < 0}
@@ -123,6 +132,8 @@ def validate_targets(value, _=None):
         return f'targets.cells_per_check: sections {list(SECTIONS)} with integer counts >= 0, got {bad}'
     if targets.get('phonon_cell', 'conventional') not in ('conventional', 'supercell'):
         return f"targets.phonon_cell must be 'conventional' or 'supercell', got {targets['phonon_cell']!r}"
+    if not isinstance(targets.get('md_min_atoms', 1), int) or targets.get('md_min_atoms', 1) < 1:
+        return f'targets.md_min_atoms must be an integer >= 1, got {targets["md_min_atoms"]!r}'
     for key in ('eos_deviatoric', 'elastic_rattle', 'phonon_rattle'):
         if key in targets and not 0 <= float(targets[key]) <= 0.2:
             return f'targets.{key} must lie in [0, 0.2] (a strain or Å), got {targets[key]}'
@@ -149,12 +160,9 @@ def missing_reference(reference: dict, properties: list, relax: bool) -> list:
 
 def validate_retrain(value, _=None):
     """``start`` is previous or scratch, ``epoch_fraction`` in (0, 1], ``mace`` holds mace_run_train options."""
-    if value is None:
-        return None
-    retrain = value.get_dict()
-    unknown = sorted(set(retrain) - set(DEFAULT_RETRAIN))
-    if unknown:
-        return f'retrain: unknown key(s) {unknown}; known: {sorted(DEFAULT_RETRAIN)}'
+    retrain, problem = settings_of(value, 'retrain', DEFAULT_RETRAIN)
+    if problem or retrain is None:
+        return problem
     if retrain.get('start', 'previous') not in RETRAIN_STARTS:
         return f'retrain.start must be one of {list(RETRAIN_STARTS)}, got {retrain["start"]!r}'
     fraction = retrain.get('epoch_fraction', 1.0)
@@ -246,7 +254,7 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
                    help='Targeted cells: `cells_per_check` (section -> count per iteration), `eos_deviatoric` '
                         '(strain), `elastic_rattle`, `phonon_rattle` (Å), `phonon_cell` (`conventional` or `supercell`), '
                         '`md_factors` (x the highest validation '
-                        'temperature), `md_steps`, `md_interval`, `md_trust_window` (eV/Å).')
+                        'temperature), `md_steps`, `md_interval`, `md_min_atoms` (the MD cell), `md_trust_window` (eV/Å).')
         spec.input('seed', valid_type=orm.Int, default=lambda: orm.Int(1),
                    help='Seed of the targeted cells and MD (iteration i uses seed + i).')
         spec.input('retrain', valid_type=orm.Dict, default=lambda: orm.Dict(DEFAULT_RETRAIN), validator=validate_retrain,
@@ -385,31 +393,59 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
                                'metadata': {'options': {'resources': {'num_machines': 1,
                                                                       'num_mpiprocs_per_machine': 1}}}}
         inputs.metadata = {'call_link_label': f'training_{self.ctx.iteration}'}
+        futures = self._submit_references() if self.ctx.iteration == 0 else {}
         node = self.submit(TrainingWorkChain, **inputs)
         self.report(f'iteration {self.ctx.iteration}: TrainingWorkChain<{node.pk}> on {self.ctx.dataset.n_frames} '
                     f'frames, {start}')
-        return ToContext(training=node)
+        return ToContext(training=node, **futures)
+
+    def _submit_references(self) -> dict:
+        """A ValidationWorkChain without a model per structure whose DFT reference is not given: it needs no model,
+        so it runs with the first training; on a small machine the reference's long jobs (the relaxation, then a
+        phonon supercell) no longer hold the training back, nor wait for it."""
+        inputs_by_label = {label: self._validation_inputs(label, with_model=False)
+                           for label in sorted(self.inputs.structures)}
+        return submit_references(self, {label: inputs for label, inputs in inputs_by_label.items() if 'dft' in inputs},
+                                 'with the first training')
+
+    def _collect_references(self):
+        """The ``dft`` outputs of the reference workflows of iteration 0, or the exit code of the first that failed."""
+        for label in sorted(self.inputs.structures):
+            node = self.ctx.pop(f'reference_{label}', None)
+            if node is None:
+                continue
+            if not node.is_finished_ok or 'dft' not in node.outputs:
+                return self.exit_codes.ERROR_VALIDATION_FAILED.format(
+                    iteration=self.ctx.iteration, reason=f'DFT reference of `{label}`: {node.process_label}<{node.pk}> '
+                                                         f'exit {node.exit_status}: {node.exit_message}')
+            self.ctx.reference[label] = {**self.ctx.reference.get(label, {}), **dict(node.outputs.dft)}
+        return None
 
     def inspect_training(self):
         node = self.ctx.training
-        if not node.is_finished_ok or 'models' not in node.outputs:
-            self._attach_outputs()
-            return self.exit_codes.ERROR_TRAINING_FAILED.format(
+        failure = self._collect_references()
+        if failure is None and (not node.is_finished_ok or 'models' not in node.outputs):
+            failure = self.exit_codes.ERROR_TRAINING_FAILED.format(
                 iteration=self.ctx.iteration, reason=f'{node.process_label}<{node.pk}> exit {node.exit_status}: '
                                                      f'{node.exit_message}')
+        if failure is not None:
+            self._attach_outputs()
+            return failure
         self.ctx.models = {key: node.outputs.models[key] for key in sorted(node.outputs.models)}
         self.ctx.splits = {name: node.outputs.split[name] for name in node.outputs.split}
         self.ctx.test_metrics = node.outputs.test_metrics if 'test_metrics' in node.outputs else None
         return None
 
-    def _validation_inputs(self, label: str) -> AttributeDict:
-        """ValidationWorkChain inputs on ``structures[label]``: with its reference known, no DFT job runs."""
+    def _validation_inputs(self, label: str, with_model: bool = True) -> AttributeDict:
+        """ValidationWorkChain inputs on ``structures[label]``: with its reference known, no DFT job runs; without
+        the model, only the DFT reference (and nothing if that is known)."""
         inputs = AttributeDict(self.exposed_inputs(ValidationWorkChain, namespace='validation'))
         inputs.structure = self.inputs.structures[label]
-        inputs.mlip = {'code': self.inputs.evaluate_code, 'models': self.ctx.models,
-                       'metadata': {'options': {'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 1}}}}
-        if 'md_code' in self.inputs:
-            inputs.md_code = self.inputs.md_code
+        if with_model:
+            inputs.mlip = {'code': self.inputs.evaluate_code, 'models': self.ctx.models,
+                           'metadata': {'options': {'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 1}}}}
+            if 'md_code' in self.inputs:
+                inputs.md_code = self.inputs.md_code
         reference = {**dict(inputs.get('reference', {})), **self.ctx.reference.get(label, {})}
         if reference:
             inputs.reference = reference
@@ -501,8 +537,16 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
         temperatures = md_target_temperatures(self.inputs.validation.md_stability.temperatures.get_list()
                                               if 'temperatures' in self.inputs.validation.get('md_stability', {})
                                               else [300.0], self.ctx.targets['md_factors'])
-        structures = {label: self._validated_structure(label) for label, plan in self.ctx.plans.items()
-                      if 'md_stability' in plan}
+        structures = {}
+        for label, plan in self.ctx.plans.items():
+            if 'md_stability' not in plan:
+                continue
+            structure = self._validated_structure(label)
+            repetitions = repetitions_for(len(structure.sites), int(self.ctx.targets['md_min_atoms']))
+            if repetitions > 1:
+                structure = make_supercell(structure, orm.List([repetitions] * 3),
+                                           metadata={'call_link_label': f'md_cell_{label}_{self.ctx.iteration}'})
+            structures[label] = structure
         inputs = {
             'code': self.inputs.md_code, 'models': self.ctx.models, 'structures': structures,
             'temperatures': orm.List(temperatures), 'steps': orm.Int(self.ctx.targets['md_steps']),

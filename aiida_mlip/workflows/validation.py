@@ -169,6 +169,19 @@ def validate_inputs(inputs, _):
     return None
 
 
+def submit_references(process, inputs_by_label: dict, when: str) -> dict:
+    """From ``process``, one ValidationWorkChain without a model (the DFT reference alone) per label, linked as
+    ``reference_<label>``; returns them as futures under those names."""
+    futures = {}
+    for label, inputs in inputs_by_label.items():
+        inputs.metadata = {'call_link_label': f'reference_{label}'}
+        node = process.submit(ValidationWorkChain, **inputs)
+        process.report(f'DFT reference of `{label}` on {inputs.structure.get_formula()}: ValidationWorkChain<{node.pk}> '
+                       f'(no model: DFT only, {when})')
+        futures[f'reference_{label}'] = node
+    return futures
+
+
 class ValidationWorkChain(ProtocolMixin, WorkChain):
     """Validate a model against DFT on equation of state, elastic tensor and phonons of one structure."""
 

@@ -149,3 +149,10 @@ def test_md_verdict_thresholds():
         md_verdict(2.0, None, None, None, {'min_dist': 1.0})
     with pytest.raises(ValueError, match='positive'):
         md_verdict(2.0, None, [300.0], -5.0)
+
+
+def test_repetitions_for_reach_the_least_count_and_no_more():
+    from aiida_mlip.analysis.md import repetitions_for
+
+    assert [repetitions_for(n, 50) for n in (1, 2, 8, 54, 100)] == [4, 3, 2, 1, 1]
+    assert repetitions_for(1, 1) == 1 and repetitions_for(1, 2) == 2 and repetitions_for(2, 16) == 2

@@ -31,7 +31,7 @@ from aiida.engine import ToContext, WorkChain, calcfunction
 
 from aiida_mlip.analysis.md import (
     DEFAULT_MD_THRESHOLDS, energy_drift_mev_per_atom_per_ps, md_verdict, minimum_distance, radial_distribution,
-    temperature_statistics,
+    repetitions_for, temperature_statistics,
 )
 from aiida_mlip.calculations.md import MlipMdCalculation, md_parameters_problem, models_problem
 from aiida_mlip.calculations.sampling import make_supercell
@@ -47,6 +47,15 @@ DEFAULT_FRICTION = 0.02
 DEFAULT_EQUILIBRATION_FRACTION = 0.25
 DEFAULT_RDF_R_MAX = 6.0
 DEFAULT_RDF_N_BINS = 100
+
+
+def md_atom_count(inputs) -> int:
+    """Atoms of the cell the MD runs on: the structure, times `supercell`, then repeated up to `min_atoms`."""
+    n_atoms = len(inputs['structure'].sites)
+    if 'supercell' in inputs:
+        matrix = np.asarray(inputs['supercell'].get_list())
+        n_atoms *= round(abs(np.linalg.det(np.diag(matrix) if matrix.shape == (3,) else matrix)))
+    return n_atoms * repetitions_for(n_atoms, int(inputs['min_atoms'].value)) ** 3
 #: The MD inputs that the workflow sets itself (not exposed in the `mlip` namespace).
 MD_PORTS_SET_BY_WORKFLOW = (
     'structure', 'structures', 'temperatures', 'steps', 'timestep_fs', 'interval', 'seed', 'ensemble', 'friction',
@@ -282,6 +291,11 @@ def validate_inputs(inputs, ctx=None) -> str | None:
     problem = structure_problem('structure', inputs['structure'])
     if problem:
         return problem
+    if int(inputs['min_atoms'].value) < 1:
+        return f'`min_atoms` must be >= 1, got {inputs["min_atoms"].value}'
+    if md_atom_count(inputs) < 2:
+        return ('the MD would run on one atom: its centre of mass is held fixed, so it cannot move and no stability '
+                'is tested; give `min_atoms` (e.g. 50) or a `supercell`')
     mlip = inputs['mlip']
     problem = code_problem(mlip.get('code'), 'mlip.md', 'MdStabilityWorkChain')
     if problem:
@@ -325,6 +339,9 @@ class MdStabilityWorkChain(WorkChain):
                         '(the minimum-distance check always uses every frame).')
         spec.input('supercell', valid_type=orm.List, required=False,
                    help='Repeat the structure first: 3 positive integers or a 3x3 integer matrix.')
+        spec.input('min_atoms', valid_type=orm.Int, default=lambda: orm.Int(1),
+                   help='Then repeat the cell n x n x n, with the smallest n that gives at least this many atoms: '
+                        'a primitive cell of one or two atoms is no test of stability (one atom cannot move at all).')
         spec.input('thresholds', valid_type=orm.Dict, required=False,
                    help='Overrides of aiida_mlip.analysis.md.DEFAULT_MD_THRESHOLDS: min_distance_angstrom (1.0), '
                         'drift_mev_per_atom_per_ps (1.0; docs/sources.md 0.1-1), temperature_rel_deviation (0.5).')
@@ -349,7 +366,7 @@ class MdStabilityWorkChain(WorkChain):
                     help="g(r) after equilibration per temperature: 'r', 'edges' (Å), 'g' (n_T, n_bins), "
                          "'temperatures'. Only for fully periodic cells.")
         spec.output('structure', valid_type=orm.StructureData, required=False,
-                    help='The supercell the MD ran on (only when `supercell` is given).')
+                    help='The supercell the MD ran on (only when `supercell` or `min_atoms` made one).')
 
         spec.exit_code(410, 'ERROR_MD_FAILED', message='The {ensemble} MD calculation failed: {reason}')
         spec.exit_code(520, 'ERROR_UNSTABLE',
@@ -360,6 +377,13 @@ class MdStabilityWorkChain(WorkChain):
         structure = self.inputs.structure
         if 'supercell' in self.inputs:
             structure = make_supercell(structure, self.inputs.supercell, metadata={'call_link_label': 'supercell'})
+        repetitions = repetitions_for(len(structure.sites), self.inputs.min_atoms.value)
+        if repetitions > 1:
+            structure = make_supercell(structure, orm.List([repetitions] * 3),
+                                       metadata={'call_link_label': 'supercell_min_atoms'})
+            self.report(f'MD on the cell repeated {repetitions}x{repetitions}x{repetitions}: {len(structure.sites)} '
+                        f'atoms (min_atoms {self.inputs.min_atoms.value})')
+        if structure is not self.inputs.structure:
             self.out('structure', structure)
         self.ctx.structure = structure
         thresholds = dict(DEFAULT_MD_THRESHOLDS)

@@ -4,10 +4,13 @@
    symmetry-reduced set of displaced supercells; outputs them as StructureData plus a Dict with the phonopy setup
    (supercell and primitive matrices, symprec, the displacement dataset), so the phonon calculation can be
    reproduced from the graph alone.
-2. One engine submission evaluates the displaced supercells AND the perfect supercell.
+2. One engine submission evaluates the displaced supercells AND the perfect supercell -- unless the site symmetry
+   of every atom forbids a force (diamond, fcc, bcc, rock salt: no vector is left unchanged by all the rotations
+   of the site), where the perfect supercell's forces are zero by symmetry and its evaluation (with pw.x, a job as
+   long as a displaced one) is skipped.
 3. ``phonopy_postprocess`` (calcfunction): force constants from the forces of the displaced supercells minus the
    residual forces of the perfect one (removes the error of an imperfectly relaxed cell or of a noisy engine to
-   first order), symmetrised (phonopy ``symmetrize_force_constants``: index-permutation symmetry and the
+   first order; zero where symmetry makes them zero), symmetrised (phonopy ``symmetrize_force_constants``: index-permutation symmetry and the
    acoustic sum rule); band structure on the seekpath (HPKOT) path, DOS and thermal properties on a q-mesh,
    imaginary-mode detection (``analysis.phonons.find_imaginary_modes``).
 
@@ -86,6 +89,15 @@ def make_phonopy(atoms, supercell_matrix, primitive_matrix='auto', symprec: floa
                    symprec=symprec, log_level=0)
 
 
+def forces_vanish_by_symmetry(atoms, symprec: float = SYMPREC) -> bool:
+    """True when no atom of ``atoms`` can feel a force: the rotations of each atom's site-symmetry group average to
+    zero, so the only vector they all leave unchanged is zero (diamond, fcc, bcc, rock salt)."""
+    from phonopy.structure.symmetry import Symmetry
+
+    symmetry = Symmetry(phonopy_atoms(atoms), symprec=symprec)
+    return all(np.allclose(np.mean(symmetry.get_site_symmetry(index), axis=0), 0.0) for index in range(len(atoms)))
+
+
 def seekpath_band_path(cell, scaled_positions, numbers, symprec: float = SYMPREC,
                        points_longest: int = BAND_POINTS_LONGEST_SEGMENT) -> dict:
     """The seekpath (HPKOT) band path in reduced coordinates of the reciprocal lattice of ``cell``.
@@ -154,9 +166,13 @@ def phonon_analysis(unitcell, setup: dict, displaced_atoms: list, pristine_atoms
     :param unitcell: ASE Atoms of the input cell.
     :param setup: the phonopy setup written by ``phonopy_displacements``.
     :param displaced_atoms: evaluated displaced supercells (``arrays['REF_forces']``), in displacement order.
-    :param pristine_atoms: the evaluated perfect supercell; its residual forces are subtracted.
+    :param pristine_atoms: the evaluated perfect supercell, whose residual forces are subtracted; None where the
+        setup says they vanish by symmetry (``pristine_forces_zero_by_symmetry``).
     :param mesh: q-mesh (3 integers) of DOS and thermal properties.
     """
+    by_symmetry = pristine_atoms is None
+    if by_symmetry and not setup.get('pristine_forces_zero_by_symmetry'):
+        raise ValueError('no evaluated perfect supercell, and its forces do not vanish by symmetry')
     phonon = make_phonopy(unitcell, setup['supercell_matrix'], setup['primitive_matrix'], setup['symprec'])
     dataset = setup['displacement_dataset']
     phonon.dataset = {
@@ -168,7 +184,7 @@ def phonon_analysis(unitcell, setup: dict, displaced_atoms: list, pristine_atoms
     if len(displaced_atoms) != len(expected):
         raise ValueError(f'{len(displaced_atoms)} evaluated displaced cells for {len(expected)} displacements')
     forces = []
-    reference_forces = _forces_of(pristine_atoms, 'perfect supercell')
+    reference_forces = np.zeros((dataset['natom'], 3)) if by_symmetry else _forces_of(pristine_atoms, 'perfect supercell')
     for index, (atoms, cell) in enumerate(zip(displaced_atoms, expected)):
         _check_same_cell(atoms, cell, index)
         forces.append(_forces_of(atoms, f'displaced cell {index}') - reference_forces)
@@ -210,10 +226,11 @@ def phonon_analysis(unitcell, setup: dict, displaced_atoms: list, pristine_atoms
         'gamma_acoustic_max_abs_thz': float(np.max(np.abs(np.sort(gamma)[:n_acoustic]))),
         'gamma_acoustic_max_abs_unsymmetrised_thz': float(np.max(np.abs(np.sort(gamma_raw)[:n_acoustic]))),
         'pristine_max_force_ev_per_angstrom': pristine_force,
+        'pristine_forces_zero_by_symmetry': by_symmetry,
         'pristine_relaxed': pristine_force <= RELAXED_FORCE_LIMIT,
         'pristine_force_limit_ev_per_angstrom': RELAXED_FORCE_LIMIT,
         'n_displacements': len(displaced_atoms),
-        'n_atoms_supercell': len(pristine_atoms),
+        'n_atoms_supercell': int(dataset['natom']),
         'n_atoms_primitive': len(primitive),
         'supercell_matrix': np.asarray(setup['supercell_matrix']).tolist(),
         'displacement_angstrom': setup['displacement'],
@@ -222,7 +239,7 @@ def phonon_analysis(unitcell, setup: dict, displaced_atoms: list, pristine_atoms
         'bravais_lattice': path['bravais_lattice'],
         'space_group_number': path['space_group'],
         'force_constants_symmetrised': True,
-        'residual_forces_subtracted': True,
+        'residual_forces_subtracted': not by_symmetry,
         'units': 'frequencies THz (imaginary as negative); forces eV/Å',
     }
     return {
@@ -272,16 +289,19 @@ def _jsonable(value):
 # ---- calcfunctions -------------------------------------------------------------------------------------------
 @calcfunction
 def phonopy_displacements(structure: orm.StructureData, supercell_matrix: orm.List, displacement: orm.Float):
-    """Perfect supercell (``pristine``), displaced supercells (``displacement_NNNN``) and ``phonopy_setup``.
+    """Displaced supercells (``displacement_NNNN``), the perfect one (``pristine``, unless its forces vanish by
+    symmetry) and ``phonopy_setup``.
 
     ``phonopy_setup`` (Dict): ``supercell_matrix``, ``primitive_matrix`` (from phonopy's 'auto'), ``symprec``,
-    ``displacement`` (Å), ``displacement_dataset`` (phonopy's ``natom``/``first_atoms``), ``structure_keys``.
+    ``displacement`` (Å), ``displacement_dataset`` (phonopy's ``natom``/``first_atoms``),
+    ``pristine_forces_zero_by_symmetry``, ``structure_keys``.
     """
     matrix = supercell_matrix_of(supercell_matrix.get_list())
     phonon = make_phonopy(structure.get_ase(), matrix)
     phonon.generate_displacements(distance=displacement.value, is_plusminus='auto')
     dataset = phonon.dataset
-    outputs = {PRISTINE_KEY: orm.StructureData(ase=ase_atoms(phonon.supercell))}
+    by_symmetry = forces_vanish_by_symmetry(structure.get_ase())
+    outputs = {} if by_symmetry else {PRISTINE_KEY: orm.StructureData(ase=ase_atoms(phonon.supercell))}
     for index, cell in enumerate(phonon.supercells_with_displacements):
         outputs[displacement_key(index)] = orm.StructureData(ase=ase_atoms(cell))
     outputs['phonopy_setup'] = orm.Dict({
@@ -295,6 +315,7 @@ def phonopy_displacements(structure: orm.StructureData, supercell_matrix: orm.Li
             'first_atoms': [{'number': d['number'], 'displacement': d['displacement']}
                             for d in dataset['first_atoms']],
         }),
+        'pristine_forces_zero_by_symmetry': by_symmetry,
         'structure_keys': sorted(key for key in outputs if key != 'phonopy_setup'),
         'phonopy_version': __import__('phonopy').__version__,
     })
@@ -313,8 +334,8 @@ def phonopy_postprocess(structure: orm.StructureData, phonopy_setup: orm.Dict, f
     if len(atoms_list) != len(keys):
         raise ValueError(f'{len(atoms_list)} evaluated frames for {len(keys)} cells')
     by_key = dict(zip(keys, atoms_list))
-    displaced = [by_key[displacement_key(i)] for i in range(len(keys) - 1)]
-    result = phonon_analysis(structure.get_ase(), setup, displaced, by_key[PRISTINE_KEY], mesh.get_list())
+    displaced = [by_key[key] for key in keys if key != PRISTINE_KEY]
+    result = phonon_analysis(structure.get_ase(), setup, displaced, by_key.get(PRISTINE_KEY), mesh.get_list())
 
     bands = orm.BandsData()
     bands.set_cell(np.asarray(result['primitive'].cell), pbc=(True, True, True))
@@ -401,16 +422,21 @@ class PhononWorkChain(EngineMixin, WorkChain):
         spec.output('phonon_summary', valid_type=orm.Dict,
                     help='Imaginary modes (threshold, count, min frequency), Gamma and max frequencies, checks.')
         spec.output('frames', valid_type=orm.Data,
-                    help='The evaluated supercells as an `mlip.dataset` (displaced cells, then the perfect one).')
+                    help='The evaluated supercells as an `mlip.dataset` (displaced cells, then the perfect one if evaluated).')
         spec.exit_code(510, 'ERROR_PHONOPY_FAILED', message='The phonopy post-processing failed: {reason}')
 
     def run_displacements(self):
-        """phonopy's displaced supercells and the perfect supercell, evaluated in one engine submission."""
+        """phonopy's displaced supercells and the perfect supercell (unless symmetry zeroes its forces), evaluated in
+        one engine submission."""
         made = dict(phonopy_displacements(self.structure_to_compute, self.inputs.supercell_matrix,
                                           self.inputs.displacement))
-        self.out('phonopy_setup', made.pop('phonopy_setup'))
+        setup = made.pop('phonopy_setup')
+        self.out('phonopy_setup', setup)
         self.ctx.structures = made
-        self.report(f'{len(made) - 1} displaced supercells of {len(made[PRISTINE_KEY].sites)} atoms + the perfect one')
+        perfect = ('(the perfect one has zero forces by symmetry: not evaluated)'
+                   if setup['pristine_forces_zero_by_symmetry'] else '+ the perfect one')
+        self.report(f'{len(made) - (1 if PRISTINE_KEY in made else 0)} displaced supercells of '
+                    f'{setup["displacement_dataset"]["natom"]} atoms {perfect}')
         return ToContext(supercells=self.submit_engine(self.ctx.structures, 'supercells'))
 
     def postprocess(self):
