@@ -46,6 +46,10 @@ def test_dft_eos_of_silicon(pw_code, pseudo_family, si2_equilibrium):
     assert eos['residual_rms'] < 2e-3
     assert results['frames'].n_frames == 5
     assert len(results['curve'].get_array('volumes')) == 5
+    # one k-point mesh for every volume (that of the unstrained cell), not one per volume from the spacing
+    meshes = {tuple(c.inputs.kpoints.get_kpoints_mesh()[0]) for c in node.called_descendants
+              if c.process_type == 'aiida.calculations:quantumespresso.pw'}
+    assert len(meshes) == 1, meshes
 
 
 @pytest.mark.parametrize('change, message', [

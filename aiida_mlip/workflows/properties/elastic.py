@@ -364,26 +364,8 @@ class ElasticWorkChain(EngineMixin, WorkChain):
         strains += [eps.tolist() for component, _, eps in
                     voigt_strain_matrices(self.inputs.strain_magnitudes.get_list()) if component in components]
         self.ctx.structures = dict(strain_structure(self.structure_to_compute, orm.List(strains)))
-        self._warn_if_kpoint_meshes_differ()
-        return ToContext(cells=self.submit_engine(self.ctx.structures, 'strained_cells'))
-
-    def _warn_if_kpoint_meshes_differ(self):
-        """DFT with a k-point spacing: a strain that tips a mesh dimension over makes a stress jump, not a slope."""
-        if self.engine != 'dft' or 'kpoints_distance' not in self.inputs.dft.pw_base:
-            return
-        distance = self.inputs.dft.pw_base.kpoints_distance.value
-        meshes = {}
-        for key, structure in self.ctx.structures.items():
-            kpoints = orm.KpointsData()
-            kpoints.set_cell_from_structure(structure)
-            kpoints.set_kpoints_mesh_from_density(distance)
-            meshes.setdefault(tuple(kpoints.get_kpoints_mesh()[0]), []).append(key)
-        if len(meshes) > 1:
-            self.report(
-                f'warning: k-point spacing {distance} 1/Å gives different meshes for the strained cells '
-                f'({ {mesh: len(keys) for mesh, keys in meshes.items()} }): the fitted constants carry the jump. '
-                'Pass an explicit mesh (dft.pw_base.kpoints) or another spacing.'
-            )
+        return ToContext(cells=self.submit_engine(self.ctx.structures, 'strained_cells',
+                                                  mesh_of=self.structure_to_compute))
 
     def fit(self):
         """The clamped-ion fit, and the choice of the cells to relax (those with clamped forces > tolerance)."""
@@ -427,7 +409,7 @@ class ElasticWorkChain(EngineMixin, WorkChain):
         """Fixed-cell relaxation of the cells with internal forces: DFT one pw.x relax each, MLIP one job."""
         structures = {key: self.ctx.structures[key] for key in self.ctx.relax_keys}
         nodes = self.submit_relaxations(structures, False, 'relax_ions', self.inputs.relax_ions_fmax.value,
-                                        RELAX_IONS_CONV_THR_PER_ATOM)
+                                        RELAX_IONS_CONV_THR_PER_ATOM, mesh_of=self.structure_to_compute)
         return ToContext(**{f'relax_ions_{key}': node for key, node in nodes.items()})
 
     def inspect_ion_relaxations(self):

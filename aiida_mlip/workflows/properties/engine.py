@@ -206,7 +206,7 @@ class EngineMixin:
         return self.submit_relaxations({'structure': structure}, relax_cell, label)['structure']
 
     def submit_relaxations(self, structures: dict, relax_cell: bool, label: str, fmax: float | None = None,
-                           conv_thr_per_atom: float | None = None) -> dict:
+                           conv_thr_per_atom: float | None = None, mesh_of: orm.StructureData | None = None) -> dict:
         """Relax every structure of ``structures`` (key -> StructureData): key -> node.
 
         DFT: one PwBaseWorkChain per structure (labels ``{label}_{key}`` for more than one); MLIP: ONE
@@ -222,7 +222,7 @@ class EngineMixin:
 
             nodes = {}
             for key, structure in structures.items():
-                inputs = self.dft_relax_inputs(structure, relax_cell, fmax, steps, conv_thr_per_atom)
+                inputs = self.dft_relax_inputs(structure, relax_cell, fmax, steps, conv_thr_per_atom, mesh_of)
                 link = label if len(structures) == 1 else f'{label}_{key}'
                 inputs.metadata = {**inputs.get('metadata', {}), 'call_link_label': link}
                 nodes[key] = self.submit(PwBaseWorkChain, **inputs)
@@ -245,11 +245,37 @@ class EngineMixin:
         self.report(f'launched MlipRelaxCalculation<{node.pk}> to relax the {kind} of {len(structures)} cells ({label})')
         return {key: node for key in structures}
 
+    def dft_inputs(self, mesh_of: orm.StructureData | None = None) -> AttributeDict:
+        """The ``dft`` namespace; with ``mesh_of``, its k-point spacing turned into ONE explicit mesh, that of
+        ``mesh_of`` (aiida-quantumespresso's ``create_kpoints_from_distance``, in the graph, made once per workflow).
+
+        Cells that differ by a strain (an EOS scan, strained cells) must share the mesh: with a spacing each gets its
+        own, and where a dimension tips over (fcc Cu at 0.3 1/Å: 11^3 below 11.9 Å³, 10^3 above) the energy jumps by
+        meV/atom, which the fit reads as curvature (measured: DFT EOS B0 84 GPa against 136 from the elastic tensor)."""
+        inputs = AttributeDict(self.exposed_inputs(DftLabelingWorkChain, namespace='dft'))
+        pw_base = AttributeDict(inputs.pw_base)
+        if mesh_of is None or 'kpoints_distance' not in pw_base:
+            return inputs
+        if 'fixed_kpoints' not in self.ctx:
+            from aiida_quantumespresso.calculations.functions.create_kpoints_from_distance import (
+                create_kpoints_from_distance,
+            )
+            self.ctx.fixed_kpoints = create_kpoints_from_distance(
+                mesh_of, pw_base.kpoints_distance, pw_base.get('kpoints_force_parity', orm.Bool(False)),
+                metadata={'call_link_label': 'fixed_kpoints'})
+            self.report(f'one k-point mesh for every cell: {self.ctx.fixed_kpoints.get_kpoints_mesh()[0]} (spacing '
+                        f'{pw_base.kpoints_distance.value} 1/Å on the unstrained cell)')
+        pw_base.pop('kpoints_distance')
+        pw_base.pop('kpoints_force_parity', None)
+        pw_base.kpoints = self.ctx.fixed_kpoints
+        inputs.pw_base = pw_base
+        return inputs
+
     def dft_relax_inputs(self, structure: orm.StructureData, relax_cell: bool, fmax: float, steps: int,
-                         conv_thr_per_atom: float | None = None) -> AttributeDict:
+                         conv_thr_per_atom: float | None = None, mesh_of: orm.StructureData | None = None
+                         ) -> AttributeDict:
         """PwBaseWorkChain inputs of a (vc-)relax from the ``dft`` namespace (:func:`dft_relax_inputs`)."""
-        return dft_relax_inputs(self.exposed_inputs(DftLabelingWorkChain, namespace='dft'), structure, relax_cell,
-                                fmax, steps, conv_thr_per_atom)
+        return dft_relax_inputs(self.dft_inputs(mesh_of), structure, relax_cell, fmax, steps, conv_thr_per_atom)
 
     def relaxed_structure(self, node):
         """(relaxed StructureData, None) or (None, ERROR_RELAX_FAILED) from the node of :meth:`submit_relax`."""
@@ -268,10 +294,11 @@ class EngineMixin:
     def engine(self) -> str:
         return 'dft' if self.inputs.get('dft') else 'mlip'
 
-    def submit_engine(self, structures: dict, label: str):
-        """Launch the evaluation of ``structures`` (dict key -> StructureData) with the chosen engine."""
+    def submit_engine(self, structures: dict, label: str, mesh_of: orm.StructureData | None = None):
+        """Launch the evaluation of ``structures`` (dict key -> StructureData) with the chosen engine; DFT with the
+        k-point mesh of ``mesh_of`` for all of them when given (:meth:`dft_inputs`)."""
         if self.engine == 'dft':
-            inputs = AttributeDict(self.exposed_inputs(DftLabelingWorkChain, namespace='dft'))
+            inputs = self.dft_inputs(mesh_of)
             inputs.structures = structures
             inputs.isolated_atoms = orm.Bool(False)
             process = DftLabelingWorkChain

@@ -112,7 +112,8 @@ class EquationOfStateWorkChain(EngineMixin, WorkChain):
         strains = orm.List(scan_volume_strains(span, points))
         self.ctx.structures = dict(scale_volume(self.ctx.centre, strains))
         self.ctx.scans += 1
-        return ToContext(scan=self.submit_engine(self.ctx.structures, f'volume_scan_{self.ctx.scans}'))
+        return ToContext(scan=self.submit_engine(self.ctx.structures, f'volume_scan_{self.ctx.scans}',
+                                                 mesh_of=self.structure_to_compute))
 
     def fit(self):
         frames, failure = self.engine_frames(self.ctx.scan, self.ctx.structures)
