@@ -27,7 +27,7 @@ from aiida_mlip.workflows.loop_helpers import test_errors
 from aiida_mlip.workflows.refinement import RefinementWorkChain, missing_reference
 from aiida_mlip.workflows.training import TrainingWorkChain
 from aiida_mlip.workflows.transferability import TransferabilityWorkChain
-from aiida_mlip.workflows.validation import ValidationWorkChain, submit_references
+from aiida_mlip.workflows.validation import ValidationWorkChain, collect_references, submit_references
 
 PW_PROCESS_TYPE = 'aiida.calculations:quantumespresso.pw'
 
@@ -222,7 +222,7 @@ class CampaignWorkChain(WorkChain):
         """One DftLabelingWorkChain per class, all with the same DFT settings, and the validation's DFT reference,
         launched together."""
         self._tick('labeling')
-        self.ctx.reference_nodes = self._submit_references()
+        self.ctx.update(self._submit_references())  # awaited with the training, not with the labels
         futures = {}
         for label, cells in self.ctx.cells.items():
             inputs = AttributeDict(self.exposed_inputs(DftLabelingWorkChain, namespace='labeling'))
@@ -324,21 +324,15 @@ class CampaignWorkChain(WorkChain):
         what = 'fine-tuning the foundation' if label == 'finetune' else 'training from scratch'
         self.report(f'{what}: TrainingWorkChain<{node.pk}> on {dataset.n_frames} frames of '
                     f'{len(datasets)} class(es), committee of {inputs.committee_size.value}')
-        return ToContext(training=node, **self.ctx.reference_nodes)
+        return ToContext(training=node, **{f'reference_{label}': self.ctx[f'reference_{label}']
+                                           for label in self._campaign()['classes'] if f'reference_{label}' in self.ctx})
 
     def inspect_training(self):
         node = self.ctx.training
         if not node.is_finished_ok:
             return self.exit_codes.ERROR_TRAINING_FAILED.format(
                 reason=f'{node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message}')
-        self.ctx.references, failed = {}, []
-        for key in self.ctx.reference_nodes:
-            reference, label = self.ctx[key], key.removeprefix('reference_')
-            if not reference.is_finished_ok or 'dft' not in reference.outputs:
-                failed.append(f'{label} ({reference.process_label}<{reference.pk}> exit {reference.exit_status}: '
-                              f'{reference.exit_message})')
-                continue
-            self.ctx.references[label] = dict(reference.outputs.dft)
+        self.ctx.references, failed = collect_references(self.ctx, self._campaign()['classes'])
         if failed:
             return self.exit_codes.ERROR_VALIDATION_FAILED.format(classes=f'DFT reference of {"; ".join(failed)}')
         self.ctx.models = dict(node.outputs.models)

@@ -39,7 +39,9 @@ from aiida_mlip.workflows.checks import code_problem, elements_of, structures_pr
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain, family_problem
 from aiida_mlip.workflows.loop_helpers import md_run_outputs, test_errors
 from aiida_mlip.workflows.training import TrainingWorkChain
-from aiida_mlip.workflows.validation import REFERENCE_OUTPUTS, ValidationWorkChain, submit_references
+from aiida_mlip.workflows.validation import (
+    REFERENCE_OUTPUTS, ValidationWorkChain, collect_references, submit_references,
+)
 
 TrainingSet = DataFactory('mlip.dataset')
 MlipModel = DataFactory('mlip.model')
@@ -410,15 +412,12 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
 
     def _collect_references(self):
         """The ``dft`` outputs of the reference workflows of iteration 0, or the exit code of the first that failed."""
-        for label in sorted(self.inputs.structures):
-            node = self.ctx.pop(f'reference_{label}', None)
-            if node is None:
-                continue
-            if not node.is_finished_ok or 'dft' not in node.outputs:
-                return self.exit_codes.ERROR_VALIDATION_FAILED.format(
-                    iteration=self.ctx.iteration, reason=f'DFT reference of `{label}`: {node.process_label}<{node.pk}> '
-                                                         f'exit {node.exit_status}: {node.exit_message}')
-            self.ctx.reference[label] = {**self.ctx.reference.get(label, {}), **dict(node.outputs.dft)}
+        references, failed = collect_references(self.ctx, sorted(self.inputs.structures))
+        if failed:
+            return self.exit_codes.ERROR_VALIDATION_FAILED.format(iteration=self.ctx.iteration,
+                                                                 reason=f'DFT reference of {failed[0]}')
+        for label, reference in references.items():
+            self.ctx.reference[label] = {**self.ctx.reference.get(label, {}), **reference}
         return None
 
     def inspect_training(self):

@@ -182,6 +182,21 @@ def submit_references(process, inputs_by_label: dict, when: str) -> dict:
     return futures
 
 
+def collect_references(ctx, labels) -> tuple:
+    """Pop the ``reference_<label>`` workflows of :func:`submit_references` from ``ctx``: ({label: {port: node}} of
+    those that finished, [failure descriptions of those that did not])."""
+    references, failed = {}, []
+    for label in labels:
+        node = ctx.pop(f'reference_{label}', None)
+        if node is None:
+            continue
+        if not node.is_finished_ok or 'dft' not in node.outputs:
+            failed.append(f'`{label}`: {node.process_label}<{node.pk}> exit {node.exit_status}: {node.exit_message}')
+            continue
+        references[label] = dict(node.outputs.dft)
+    return references, failed
+
+
 class ValidationWorkChain(ProtocolMixin, WorkChain):
     """Validate a model against DFT on equation of state, elastic tensor and phonons of one structure."""
 
