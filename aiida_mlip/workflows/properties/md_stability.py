@@ -56,6 +56,8 @@ def md_atom_count(inputs) -> int:
         matrix = np.asarray(inputs['supercell'].get_list())
         n_atoms *= round(abs(np.linalg.det(np.diag(matrix) if matrix.shape == (3,) else matrix)))
     return n_atoms * repetitions_for(n_atoms, int(inputs['min_atoms'].value)) ** 3
+
+
 #: The MD inputs that the workflow sets itself (not exposed in the `mlip` namespace).
 MD_PORTS_SET_BY_WORKFLOW = (
     'structure', 'structures', 'temperatures', 'steps', 'timestep_fs', 'interval', 'seed', 'ensemble', 'friction',
