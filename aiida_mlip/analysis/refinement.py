@@ -10,11 +10,16 @@ cells (the pass that follows is then out of sample):
 * ``elastic``: homogeneous strains in random directions of the 6-dimensional Voigt space (never along one
   component, as the validation's are), magnitudes between half and one and a half times the validation's largest,
   with small rattles so that the labels also hold the forces of the internal relaxation;
-* ``phonons``: Gaussian rattles of every atom of the phonon supercell (phonopy displaces one atom at a time);
+* ``phonons``: Gaussian rattles of every atom (phonopy displaces one atom at a time) of the smallest cells in which
+  the phonons of the validation supercell's q-points repeat: force constants from an n x n x n supercell are fixed
+  by the dynamical matrices at its commensurate q-points, so a model right there is right on the whole band path;
 * ``md_stability``: frames of the model's own MD at and above the validation temperature, picked by committee
   deviation (the workflow runs the MD; this module only says at which temperatures).
 """
 from __future__ import annotations
+
+from fractions import Fraction
+from math import gcd, lcm
 
 import numpy as np
 
@@ -138,3 +143,45 @@ def md_target_temperatures(validation_temperatures, factors=(1.0, 1.5)) -> list[
     """Temperatures of the targeted MD: the validation's highest temperature times each factor."""
     highest = float(max(validation_temperatures))
     return [highest * float(factor) for factor in factors]
+
+
+def commensurate_qpoint_stars(lattice, scaled_positions, numbers, supercell_diagonal, symprec: float = 1e-3) -> list:
+    """``(q, multiplicity)`` of every symmetry star of q-points, Gamma excluded, at which a ``diag(n1, n2, n3)``
+    supercell computes the phonons exactly (q = (k1/n1, k2/n2, k3/n3), fractional in the reciprocal basis of
+    ``lattice``), the largest stars (the most weight in the DOS) first."""
+    import spglib
+
+    diagonal = [int(n) for n in supercell_diagonal]
+    if len(diagonal) != 3 or min(diagonal) < 1:
+        raise ValueError(f'a supercell diagonal needs 3 positive integers, got {list(supercell_diagonal)}')
+    mapping, grid = spglib.get_ir_reciprocal_mesh(diagonal, (lattice, scaled_positions, numbers), is_shift=[0, 0, 0],
+                                                  symprec=symprec)
+    representatives, counts = np.unique(mapping, return_counts=True)
+    stars = [((grid[index] / np.array(diagonal)).tolist(), int(count))
+             for index, count in zip(representatives, counts) if np.any(grid[index] != 0)]
+    return sorted(stars, key=lambda star: -star[1])
+
+
+def qpoint_supercell_matrix(qpoint) -> np.ndarray | None:
+    """The smallest supercell (integer rows in units of the primitive vectors) in which a phonon at ``qpoint``
+    repeats, i.e. ``q . R`` is an integer for every supercell vector R: ``N`` primitive cells for q of order N.
+
+    With q = p/N and a component p_i prime to N: rows ``e_j - c_j e_i`` (c_j p_i = p_j mod N) and ``N e_i``.
+    ``None`` when no component is prime to N (e.g. q = (1/2, 1/3, 0)); Gamma gives the identity.
+    """
+    fractions = [Fraction(float(x)).limit_denominator(1000) % 1 for x in qpoint]
+    order = lcm(*(fraction.denominator for fraction in fractions))
+    numerators = [int(fraction * order) for fraction in fractions]
+    pivot = next((i for i, p in enumerate(numerators) if gcd(p, order) == 1), None)
+    if order == 1:
+        return np.eye(3, dtype=int)
+    if pivot is None:
+        return None
+    inverse = pow(numerators[pivot], -1, order)
+    matrix = np.eye(3, dtype=int)
+    for j in range(3):
+        if j == pivot:
+            matrix[j, pivot] = order
+        else:
+            matrix[j, pivot] = -((numerators[j] * inverse) % order)
+    return matrix

@@ -9,8 +9,12 @@ import numpy as np
 from aiida import orm
 from aiida.engine import calcfunction
 
-from aiida_mlip.analysis.refinement import deviatoric_strain, eos_target_strains, random_elastic_strains
+from aiida_mlip.analysis.refinement import (commensurate_qpoint_stars, deviatoric_strain, eos_target_strains,
+                                            qpoint_supercell_matrix, random_elastic_strains)
 from aiida_mlip.calculations.sampling import rattled_copies, strained_copies, volume_scaled_copies
+
+#: The cells a phonon target may rattle (:func:`phonon_cells`).
+PHONON_CELLS = ('commensurate', 'conventional', 'supercell')
 
 
 def eos_cells(atoms, plan: dict, rng: np.random.Generator) -> list:
@@ -45,22 +49,53 @@ def conventional_cell(atoms):
     return Atoms(numbers=numbers, cell=lattice, scaled_positions=positions, pbc=True)
 
 
+def qpoint_cells(atoms, supercell_matrix) -> list:
+    """For each symmetry star of the phonon supercell's non-Gamma q-points (largest first), the smallest cell in
+    which that phonon repeats (diamond Si, 2x2x2: L and X, 4 atoms each); the supercell itself where the q-points
+    of a non-diagonal supercell are not enumerated or no small cell exists."""
+    from ase.build import make_supercell, niggli_reduce
+
+    matrix = np.asarray(supercell_matrix, dtype=int)
+    diagonal = np.diag(matrix) if matrix.shape == (3, 3) else matrix
+    supercell = make_supercell(atoms, np.diag(diagonal))
+    if matrix.shape == (3, 3) and np.any(matrix != np.diag(diagonal)):
+        return [make_supercell(atoms, matrix)]
+    cells = []
+    for qpoint, _ in commensurate_qpoint_stars(atoms.cell[:], atoms.get_scaled_positions(), atoms.numbers, diagonal):
+        repeat = qpoint_supercell_matrix(qpoint)
+        if repeat is None:
+            cells.append(supercell)
+            continue
+        cell = make_supercell(atoms, repeat)
+        niggli_reduce(cell)  # the same lattice in its most compact cell: fewer plane waves per k-point
+        cells.append(cell)
+    return cells or [supercell]
+
+
 def phonon_cells(atoms, plan: dict, rng: np.random.Generator) -> list:
     """Rattled cells (Gaussian, ``rattle`` Å, every atom): not phonopy's one-atom displacements.
 
-    ``cell: conventional`` (the default) rattles the conventional cell when it holds more atoms than ``atoms``
-    (diamond Si: 8 atoms, commensurate with Gamma and X, 4-8x cheaper in pw.x than the 16-atom 2x2x2 supercell of
-    the primitive cell); otherwise, and with ``cell: supercell``, the validation's phonon supercell.
+    ``cell: commensurate`` (the default) rattles, in turn, the smallest cells of the validation supercell's q-point
+    stars (:func:`qpoint_cells`): a model right at those q-points has the same force constants, hence the same
+    bands and DOS, as the DFT. ``cell: conventional`` rattles the conventional cell when it holds more atoms than
+    ``atoms`` (diamond Si: 8 atoms, commensurate with Gamma and X only); otherwise, and with ``cell: supercell``,
+    the validation's phonon supercell.
     """
     from ase.build import make_supercell
 
-    if plan.get('cell', 'conventional') == 'conventional':
+    amplitude, count = float(plan['rattle']), int(plan['count'])
+    kind = plan.get('cell', 'commensurate')
+    if kind == 'commensurate':
+        cells = qpoint_cells(atoms, plan['supercell_matrix'])
+        return [rattled_copies(cells[index % len(cells)], amplitude, 1, int(rng.integers(2**31)))[0]
+                for index in range(count)]
+    if kind == 'conventional':
         cell = conventional_cell(atoms)
         if len(cell) > len(atoms):
-            return rattled_copies(cell, float(plan['rattle']), int(plan['count']), int(rng.integers(2**31)))
+            return rattled_copies(cell, amplitude, count, int(rng.integers(2**31)))
     matrix = np.asarray(plan['supercell_matrix'], dtype=int)
     supercell = make_supercell(atoms, np.diag(matrix) if matrix.shape == (3,) else matrix)
-    return rattled_copies(supercell, float(plan['rattle']), int(plan['count']), int(rng.integers(2**31)))
+    return rattled_copies(supercell, amplitude, count, int(rng.integers(2**31)))
 
 
 CELL_MAKERS = {'eos': eos_cells, 'elastic': elastic_cells, 'phonons': phonon_cells}

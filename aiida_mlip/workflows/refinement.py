@@ -31,7 +31,7 @@ from aiida_mlip.analysis.refinement import (
 from aiida_mlip.calculations.datasets import extend_splits, merge_datasets
 from aiida_mlip.calculations.mace_train import mace_parameters_problem
 from aiida_mlip.calculations.md import MlipMdCalculation
-from aiida_mlip.calculations.refinement import targeted_cells
+from aiida_mlip.calculations.refinement import PHONON_CELLS, targeted_cells
 from aiida_mlip.calculations.sampling import make_supercell
 from aiida_mlip.protocols import ProtocolMixin, protocol_file
 from aiida_mlip.workflows.active_learning import labeling_fingerprint_problem, select_md_frames
@@ -132,8 +132,8 @@ def validate_targets(value, _=None):
            if key not in SECTIONS or not isinstance(count, int) or isinstance(count, bool) or count < 0}
     if bad:
         return f'targets.cells_per_check: sections {list(SECTIONS)} with integer counts >= 0, got {bad}'
-    if targets.get('phonon_cell', 'conventional') not in ('conventional', 'supercell'):
-        return f"targets.phonon_cell must be 'conventional' or 'supercell', got {targets['phonon_cell']!r}"
+    if targets.get('phonon_cell', 'commensurate') not in PHONON_CELLS:
+        return f"targets.phonon_cell must be one of {', '.join(PHONON_CELLS)}; got {targets['phonon_cell']!r}"
     if not isinstance(targets.get('md_min_atoms', 1), int) or targets.get('md_min_atoms', 1) < 1:
         return f'targets.md_min_atoms must be an integer >= 1, got {targets["md_min_atoms"]!r}'
     for key in ('eos_deviatoric', 'elastic_rattle', 'phonon_rattle'):
@@ -254,7 +254,7 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
         spec.input('targets', valid_type=orm.Dict, default=lambda: orm.Dict(DEFAULT_TARGETS),
                    validator=validate_targets,
                    help='Targeted cells: `cells_per_check` (section -> count per iteration), `eos_deviatoric` '
-                        '(strain), `elastic_rattle`, `phonon_rattle` (Å), `phonon_cell` (`conventional` or `supercell`), '
+                        '(strain), `elastic_rattle`, `phonon_rattle` (Å), `phonon_cell` (`commensurate`, `conventional` or `supercell`), '
                         '`md_factors` (x the highest validation '
                         'temperature), `md_steps`, `md_interval`, `md_min_atoms` (the MD cell), `md_trust_window` (eV/Å).')
         spec.input('seed', valid_type=orm.Int, default=lambda: orm.Int(1),
