@@ -33,10 +33,12 @@ class SlurmCluster:
     started_here: bool
 
     def record(self, job_id, timeout: float = 15.0) -> dict:
-        """The jobcomp record of ``job_id`` (slurmctld writes it when the job ends; wait a little for it)."""
+        """The jobcomp record of ``job_id`` (slurmctld writes it when the job ends; wait a little for it). The last
+        one: job ids start again at 1 when the cluster's state folder is removed, the jobcomp file keeps the old."""
         deadline = time.monotonic() + timeout
         while True:
-            for line in self.jobcomp.read_text().splitlines() if self.jobcomp.is_file() else []:
+            lines = self.jobcomp.read_text().splitlines() if self.jobcomp.is_file() else []
+            for line in reversed(lines):
                 fields = dict(re.findall(r'(\w+)=(\S*)', line))
                 if fields.get('JobId') == str(job_id):
                     return fields
