@@ -188,6 +188,9 @@ stop_daemon() {  # pid file, name
 }
 
 stop() {
+  if ! pid_alive "$DIR/run/slurmd.pid" && ! pid_alive "$DIR/run/slurmctld.pid"; then
+    echo "no SLURM daemon of $DIR is running"
+  fi
   stop_daemon "$DIR/run/slurmd.pid" slurmd
   stop_daemon "$DIR/run/slurmctld.pid" slurmctld
   if [ -e "$DIR/run/munged.ours" ]; then
