@@ -22,6 +22,7 @@ MARKER='# written by aiida-mlip scripts/slurm_local.sh'
 # jobs would be refused
 MAXTIME=${SLURM_LOCAL_MAXTIME:-1440}
 DEFAULT_TIME=${SLURM_LOCAL_DEFAULT_TIME:-30}  # minutes: a job's time limit when it asks for none
+# SLURM_LOCAL_SCHEDULER_PARAMETERS replaces SchedulerParameters (e.g. batch_sched_delay=3, SLURM's default)
 export SLURM_CONF="$CONF"
 
 die() { echo "slurm_local: $*" >&2; exit 1; }
@@ -101,6 +102,9 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 SchedulerType=sched/backfill
+# Start a batch job at the scheduler's next tick (<= 1 s) instead of up to batch_sched_delay (default 3 s) later:
+# measured 0.9-1.0 s from sbatch to the end of an empty job, 1.9-3.0 s with the default.
+SchedulerParameters=${SLURM_LOCAL_SCHEDULER_PARAMETERS:-batch_sched_delay=0}
 # Only CPUs are consumed: jobs that ask for no memory can share the node.
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
