@@ -4,8 +4,8 @@ Each job is checked in SLURM's own record (the jobcomp file slurmctld writes, te
 AiiDA: the state SLURM gave it and the time limit SLURM enforced, set from ``metadata.options.max_wallclock_seconds``
 (SLURM counts time limits in minutes, rounded up). The walltime test lets SLURM kill a job at its real time limit:
 slurmctld checks limits every 30 s, so a 1-minute limit ends the job 60-90 s after it started. That job is handed to
-the engine's event loop first and waits in SLURM while the labelings run, so the module costs the longest of them,
-not their sum.
+the engine's event loop first and waits in SLURM while the labelings (local, direct, over SSH) run, so the module
+costs the longest of them, not their sum: the tests that need it come after the labelings.
 """
 import asyncio
 import math
@@ -20,6 +20,7 @@ from aiida import engine, orm
 
 from .conftest import TEST_FAMILY, TEST_PW_OVERRIDES, require_pw
 from .slurm_fixtures import record_seconds, slurm_cluster, slurm_computer  # noqa: F401  (fixtures)
+from .ssh_fixtures import ssh_server  # noqa: F401  (fixture)
 
 SCRIPT = pathlib.Path(sys.executable).with_name('aiida-mlip')
 #: The labeling's pw.x time limit: 300 s becomes SLURM's TimeLimit=5 (minutes).
@@ -128,6 +129,42 @@ def test_pw_label_runs_as_a_slurm_job_recorded_completed_with_its_time_limit(
     print(f'SLURM vs direct, one Si2 pw.x label: {timings}')
 
 
+@pytest.fixture(scope='module')
+def ssh_slurm_computer(aiida_profile, ssh_server, slurm_cluster, tmp_path_factory):  # noqa: F811
+    """The second case: the same cluster reached over SSH (the test sshd of tests/ssh_fixtures.py, ``core.ssh``), as a
+    cluster's login node is; ``sbatch`` there finds the cluster through /etc/slurm/slurm.conf."""
+    import getpass
+
+    computer = orm.Computer(
+        label=f'ssh-slurm-{ssh_server.port}', hostname='127.0.0.1', description='sshd started by the tests, SLURM',
+        transport_type='core.ssh', scheduler_type='core.slurm', workdir=str(tmp_path_factory.mktemp('ssh_slurm')),
+    ).store()
+    computer.configure(
+        username=getpass.getuser(), port=ssh_server.port, key_filename=str(ssh_server.client_key),
+        look_for_keys=False, allow_agent=False, load_system_host_keys=False, key_policy='AutoAddPolicy',
+        use_login_shell=False, timeout=30, safe_interval=0,
+    )
+    computer.set_minimum_job_poll_interval(0.1)
+    computer.set_default_mpiprocs_per_machine(1)
+    return computer
+
+
+@pytest.mark.pw
+def test_pw_label_through_slurm_over_ssh(ssh_slurm_computer, ssh_server, slurm_cluster, pseudo_family):  # noqa: F811
+    require_pw()
+    from aiida_mlip.setup.environment import ensure_pw_code
+
+    results, node, seconds = label_si2(ensure_pw_code(ssh_slurm_computer), {'max_wallclock_seconds': 120})
+    assert node.is_finished_ok, node.exit_message
+    [job] = pw_jobs(node)
+    assert job.get_transport().__class__.__name__ == 'SshTransport'
+    record = slurm_cluster.record(job.get_job_id())
+    assert record['JobState'] == 'COMPLETED' and record['TimeLimit'] == '2', record
+    assert record['WorkDir'] == job.outputs.remote_folder.get_remote_path()
+    assert ssh_server.accepted_logins() >= 1
+    print(f'SLURM over SSH, one Si2 pw.x label: {seconds:.1f} s')
+
+
 @pytest.mark.pw
 def test_a_job_past_its_slurm_time_limit_ends_with_the_walltime_exit_code(walltime_job, slurm_cluster):  # noqa: F811
     """SLURM kills the job at its real 1-minute limit; core.slurm's parse_output reads slurmstepd's CANCELLED ... DUE TO
@@ -147,6 +184,17 @@ def test_a_job_past_its_slurm_time_limit_ends_with_the_walltime_exit_code(wallti
     assert 'DUE TO TIME LIMIT' in stderr
     print(f'SLURM time limit: job ran {ran:.0f} s of its 60 s limit, AiiDA saw exit 120 {seconds:.0f} s after '
           'submission')
+
+
+def test_a_computer_label_taken_by_another_scheduler_is_refused(aiida_profile):
+    """``localhost`` is the direct computer: asking for it with SLURM is an error, not a silent change."""
+    from aiida_mlip.setup.environment import ensure_localhost
+
+    ensure_localhost()
+    with pytest.raises(ValueError, match='exists with core.local \\+ core.direct, not core.local \\+ core.slurm'):
+        ensure_localhost('localhost', scheduler='core.slurm')
+    with pytest.raises(ValueError, match='not supported here'):
+        ensure_localhost(scheduler='core.pbspro')
 
 
 def run_setup(*args, aiida_path, **env):
@@ -169,8 +217,9 @@ def test_setup_scheduler_slurm_makes_the_slurm_computer_and_codes(slurm_cluster,
     assert second.returncode == 0 and 'profile `aiida-mlip`: exists' in second.stdout, second.stderr
 
 
-def test_setup_scheduler_slurm_refuses_a_cluster_that_does_not_answer(tmp_path):
-    """No SLURM at the configuration named: a clear error and nothing created (the probe runs first)."""
+def test_setup_scheduler_slurm_refuses_a_cluster_that_does_not_answer(slurm_cluster, tmp_path):  # noqa: F811
+    """No SLURM at the configuration named: a clear error and nothing created (the probe runs first). With the
+    cluster up (the fixture), so that it is the configuration, not a missing sinfo, that is refused."""
     missing = tmp_path / 'no-such-slurm.conf'
     result = run_setup('--scheduler', 'slurm', aiida_path=tmp_path / 'config', SLURM_CONF=str(missing))
     assert result.returncode == 2, (result.stdout, result.stderr)
