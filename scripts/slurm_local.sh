@@ -70,7 +70,7 @@ start_munge() {
     return 0
   fi
   # As the munge user, like the Debian service; as root (--force) where that fails.
-  runuser -u munge -- munged || munged --force
+  runuser -u munge -- munged 9>&- || munged --force 9>&-
   touch "$DIR/run/munged.ours"  # stop ends only a munged this script started
   for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return 0; sleep 0.1; done
   die "munged does not answer (see /var/log/munge/munged.log)"
@@ -159,10 +159,10 @@ start() {
   write_config
   link_system_conf
   if ! pid_alive "$DIR/run/slurmctld.pid"; then
-    slurmctld -f "$CONF" || die "slurmctld did not start: $(tail -n 5 "$DIR/log/slurmctld.log" 2>/dev/null)"
+    slurmctld -f "$CONF" 9>&- || die "slurmctld did not start: $(tail -n 5 "$DIR/log/slurmctld.log" 2>/dev/null)"
   fi
   if ! pid_alive "$DIR/run/slurmd.pid"; then
-    slurmd -f "$CONF" || die "slurmd did not start: $(tail -n 5 "$DIR/log/slurmd.log" 2>/dev/null)"
+    slurmd -f "$CONF" 9>&- || die "slurmd did not start: $(tail -n 5 "$DIR/log/slurmd.log" 2>/dev/null)"
   fi
   local node
   node=$(hostname -s)
@@ -217,9 +217,13 @@ status() {
   fi
 }
 
+# One start or stop at a time (two test workers may start the cluster at once): a lock file next to the state,
+# which the daemons must not inherit (9>&- where they start), or a later stop would wait for them for ever.
+lock() { mkdir -p "$DIR"; exec 9>"$DIR/.lock"; flock 9; }
+
 case "${1:-}" in
-  start) start ;;
-  stop) stop ;;
+  start) lock; start ;;
+  stop) lock; stop ;;
   status) status ;;
   *) usage ;;
 esac

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import os
 import pathlib
 import re
@@ -59,22 +60,41 @@ def run_script(command: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope='module')
 def slurm_cluster():
-    """The running one-node cluster (started by scripts/slurm_local.sh, stopped at the end if started here)."""
+    """The running one-node cluster (started by scripts/slurm_local.sh; stopped at the end when a test fixture
+    started it and no other test process still uses it).
+
+    Users are counted with a shared lock on a file in the cluster's folder: a fixture in another pytest-xdist worker
+    (or another pytest) holds it too, and the last one out, the only one that gets the exclusive lock, stops the
+    cluster. A cluster that answered before any test started it is left running.
+    """
     require_or_skip(os.geteuid() == 0, 'the local SLURM runs as root (SlurmUser=root, /etc/munge): run as root')
     require_or_skip(shutil.which('slurmctld') is not None or shutil.which('apt-get') is not None,
                     'no slurmctld and no apt-get to install it (Debian slurm-wlm, munge)')
-    result = run_script('start')
-    require_or_skip(result.returncode == 0,
-                    f'scripts/slurm_local.sh start failed ({result.returncode}): {result.stderr.strip()[-800:]}')
-    paths = dict(re.findall(r'^(config|jobcomp): *(\S+)$', result.stdout, re.MULTILINE))
-    assert set(paths) == {'config', 'jobcomp'}, result.stdout
-    cluster = SlurmCluster(pathlib.Path(paths['jobcomp']), pathlib.Path(paths['config']),
-                           started_here='SLURM started' in result.stdout)
+    folder = pathlib.Path(os.environ.get('SLURM_LOCAL_DIR', SCRIPT.parents[1] / '.slurm')).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    users = open(folder / 'test-users.lock', 'w')  # noqa: SIM115  (held for the module's life)
+    fcntl.flock(users, fcntl.LOCK_SH)
+    started_by_tests = folder / 'started-by-tests'
     try:
-        yield cluster
+        result = run_script('start')
+        require_or_skip(result.returncode == 0,
+                        f'scripts/slurm_local.sh start failed ({result.returncode}): {result.stderr.strip()[-800:]}')
+        paths = dict(re.findall(r'^(config|jobcomp): *(\S+)$', result.stdout, re.MULTILINE))
+        assert set(paths) == {'config', 'jobcomp'}, result.stdout
+        started_here = 'SLURM started' in result.stdout
+        if started_here:
+            started_by_tests.touch()
+        yield SlurmCluster(pathlib.Path(paths['jobcomp']), pathlib.Path(paths['config']), started_here)
     finally:
-        if cluster.started_here:
-            run_script('stop')
+        try:
+            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while another test process uses the cluster
+        except BlockingIOError:
+            pass
+        else:
+            if started_by_tests.exists():
+                run_script('stop')
+                started_by_tests.unlink()
+        users.close()
 
 
 @pytest.fixture(scope='module')

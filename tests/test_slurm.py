@@ -20,7 +20,7 @@ from aiida import engine, orm
 
 from .conftest import TEST_FAMILY, TEST_PW_OVERRIDES, require_pw
 from .slurm_fixtures import record_seconds, slurm_cluster, slurm_computer  # noqa: F401  (fixtures)
-from .ssh_fixtures import ssh_server  # noqa: F401  (fixture)
+from .ssh_fixtures import make_ssh_computer, ssh_server  # noqa: F401  (fixture)
 
 SCRIPT = pathlib.Path(sys.executable).with_name('aiida-mlip')
 #: The labeling's pw.x time limit: 300 s becomes SLURM's TimeLimit=5 (minutes).
@@ -133,19 +133,9 @@ def test_pw_label_runs_as_a_slurm_job_recorded_completed_with_its_time_limit(
 def ssh_slurm_computer(aiida_profile, ssh_server, slurm_cluster, tmp_path_factory):  # noqa: F811
     """The second case: the same cluster reached over SSH (the test sshd of tests/ssh_fixtures.py, ``core.ssh``), as a
     cluster's login node is; ``sbatch`` there finds the cluster through /etc/slurm/slurm.conf."""
-    import getpass
-
-    computer = orm.Computer(
-        label=f'ssh-slurm-{ssh_server.port}', hostname='127.0.0.1', description='sshd started by the tests, SLURM',
-        transport_type='core.ssh', scheduler_type='core.slurm', workdir=str(tmp_path_factory.mktemp('ssh_slurm')),
-    ).store()
-    computer.configure(
-        username=getpass.getuser(), port=ssh_server.port, key_filename=str(ssh_server.client_key),
-        look_for_keys=False, allow_agent=False, load_system_host_keys=False, key_policy='AutoAddPolicy',
-        use_login_shell=False, timeout=30, safe_interval=0,
-    )
+    computer = make_ssh_computer(ssh_server, f'ssh-slurm-{ssh_server.port}', 'core.slurm',
+                                 tmp_path_factory.mktemp('ssh_slurm'))
     computer.set_minimum_job_poll_interval(0.1)
-    computer.set_default_mpiprocs_per_machine(1)
     return computer
 
 
