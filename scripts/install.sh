@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(quantum-espresso quantum-espresso-data chromium openssh-server openssh-client)
+# slurm-wlm and munge: the one-node SLURM of scripts/slurm_local.sh (tests/test_slurm.py); installed here so that
+# the test run does not spend its time in apt.
+APT_PACKAGES=(quantum-espresso quantum-espresso-data chromium openssh-server openssh-client slurm-wlm munge)
 missing=()
 for package in "${APT_PACKAGES[@]}" ${EXTRA_APT_PACKAGES:-}; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -139,15 +139,13 @@ def ssh_server(tmp_path_factory):
         server.stop()
 
 
-@pytest.fixture(scope='module')
-def ssh_computer(aiida_profile, ssh_server, tmp_path_factory):
-    """A ``core.ssh`` + ``core.direct`` computer on the test sshd, work directory in a temporary folder."""
+def make_ssh_computer(ssh_server: SshServer, label: str, scheduler: str, workdir):
+    """A ``core.ssh`` computer with ``scheduler`` on the test sshd: its key only, host key kept in memory, no agent."""
     from aiida import orm
 
-    workdir = tmp_path_factory.mktemp('remote_workdir')
     computer = orm.Computer(
-        label=f'ssh-localhost-{ssh_server.port}', hostname='127.0.0.1', description='sshd started by the tests',
-        transport_type='core.ssh', scheduler_type='core.direct', workdir=str(workdir),
+        label=label, hostname='127.0.0.1', description=f'sshd started by the tests, {scheduler}',
+        transport_type='core.ssh', scheduler_type=scheduler, workdir=str(workdir),
     ).store()
     computer.configure(
         username=getpass.getuser(), port=ssh_server.port, key_filename=str(ssh_server.client_key),
@@ -157,3 +155,10 @@ def ssh_computer(aiida_profile, ssh_server, tmp_path_factory):
     computer.set_minimum_job_poll_interval(1)
     computer.set_default_mpiprocs_per_machine(1)
     return computer
+
+
+@pytest.fixture(scope='module')
+def ssh_computer(aiida_profile, ssh_server, tmp_path_factory):
+    """A ``core.ssh`` + ``core.direct`` computer on the test sshd, work directory in a temporary folder."""
+    return make_ssh_computer(ssh_server, f'ssh-localhost-{ssh_server.port}', 'core.direct',
+                             tmp_path_factory.mktemp('remote_workdir'))

@@ -59,21 +59,34 @@ def _install_pseudos(directories, label: str, functional: str, picks: dict) -> N
 @click.option('--pseudo-family', default=DEFAULT_FAMILY, show_default=True,
               help='Label of the PBE family built from the Debian quantum-espresso-data folders.')
 @click.option('--no-pseudos', is_flag=True, help='Do not build the default pseudopotential family.')
+@click.option('--scheduler', type=click.Choice(['direct', 'slurm']), default='direct', show_default=True,
+              help='Scheduler of the local computer the codes go on: direct runs jobs as processes (`localhost`); '
+                   'slurm submits them with sbatch to the SLURM cluster this machine reaches (`localhost-slurm`, '
+                   '`bash scripts/slurm_local.sh start` starts a one-node one; docs/production.md).')
 @click.pass_context
 def setup(ctx, profile_name, storage, db_host, db_port, db_user, db_password, db_name, broker, broker_host,
-          broker_port, broker_user, broker_password, broker_vhost, pw_executable, pseudo_family, no_pseudos):
-    """Create (or reuse) the profile, the `localhost` computer and the codes.
+          broker_port, broker_user, broker_password, broker_vhost, pw_executable, pseudo_family, no_pseudos,
+          scheduler):
+    """Create (or reuse) the profile, the `localhost` computer (`localhost-slurm` with --scheduler slurm) and
+    the codes.
 
     With -p/--profile an existing profile is used as it is. Otherwise a profile (SQLite + ZeroMQ like
     `verdi presto` by default; `--storage psql --broker rabbitmq` for production) is created in the
     configuration folder of AIIDA_PATH, which must then be set: this command never writes into your home
     folder by accident. The services are probed first: when PostgreSQL or RabbitMQ do not answer, nothing
-    is created.
+    is created. With --scheduler slurm the cluster is probed (sinfo) before anything is created.
     """
     if ctx.invoked_subcommand is not None:
         return
     from aiida_mlip.setup import environment
     from aiida_mlip.setup.pseudos import DEFAULT_PSEUDO_DIRS
+
+    partitions = None
+    if scheduler == 'slurm':
+        try:
+            partitions = environment.slurm_partitions()
+        except ConnectionError as exception:
+            raise BadInput(str(exception)) from exception
 
     existing = ctx.obj.get('profile')
     if existing:
@@ -98,8 +111,16 @@ def setup(ctx, profile_name, storage, db_host, db_port, db_user, db_password, db
             raise BadInput(str(exception)) from exception
         click.echo(f'profile `{profile.name}`: {"created" if created else "exists"} '
                    f'(storage {profile.storage_backend}, broker {profile.process_control_backend})')
-    computer = environment.ensure_localhost()
+    try:
+        computer = environment.ensure_localhost(scheduler=environment.SCHEDULERS[scheduler])
+    except ValueError as exception:
+        raise BadInput(str(exception)) from exception
     click.echo(f'computer `{computer.label}`: ready ({computer.transport_type}, {computer.scheduler_type})')
+    if partitions is not None:
+        described = ', '.join(f'{name}{" (default)" if info["default"] else ""} {info["available"]} '
+                              f'max {info["max_time"]}' for name, info in partitions.items())
+        click.echo(f'SLURM partitions: {described}; jobs go to the default partition unless '
+                   'metadata.options.queue_name names another')
     try:
         code = environment.ensure_pw_code(computer, executable=pw_executable)
     except FileNotFoundError as exception:

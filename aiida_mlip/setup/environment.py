@@ -1,4 +1,4 @@
-"""Idempotent creation of the AiiDA profile, the ``localhost`` computer and the codes this project runs.
+"""Idempotent creation of the AiiDA profile, the local computers (direct, SLURM) and the codes this project runs.
 
 Every function returns what exists when it already does, so ``aiida-mlip setup`` is safe to rerun.
 """
@@ -166,8 +166,17 @@ def _merge_lines(text: str, lines) -> str:
     return '\n'.join(existing + [line for line in lines if line not in existing])
 
 
-def ensure_localhost(label: str = 'localhost', workdir: str | None = None):
-    """Return the ``core.local``/``core.direct`` computer ``label``, creating and configuring it if needed.
+#: ``aiida-mlip setup --scheduler``: name -> aiida-core scheduler plugin and the label of its local computer.
+SCHEDULERS = {'direct': 'core.direct', 'slurm': 'core.slurm'}
+COMPUTER_LABELS = {'core.direct': 'localhost', 'core.slurm': 'localhost-slurm'}
+
+
+def ensure_localhost(label: str | None = None, workdir: str | None = None, scheduler: str = 'core.direct'):
+    """Return the ``core.local`` computer ``label`` with ``scheduler``, creating and configuring it if needed.
+
+    ``core.direct`` (label ``localhost``) runs jobs as plain processes; ``core.slurm`` (label ``localhost-slurm``)
+    submits them with ``sbatch`` to a SLURM cluster reached from this machine (``scripts/slurm_local.sh`` starts
+    a one-node one). An existing computer of that label with another scheduler is refused, not changed.
 
     Its commands run in a plain ``bash``, not aiida-core's default login shell (``bash -l``): the engine runs one
     command per scheduler poll (every second here), and a login shell reads the profile files each time (pyenv,
@@ -178,6 +187,9 @@ def ensure_localhost(label: str = 'localhost', workdir: str | None = None):
     from aiida.common.exceptions import NotExistent
     from aiida.manage import get_manager
 
+    if scheduler not in COMPUTER_LABELS:
+        raise ValueError(f'scheduler `{scheduler}` is not supported here: choose one of {sorted(COMPUTER_LABELS)}')
+    label = label or COMPUTER_LABELS[scheduler]
     try:
         computer = orm.load_computer(label)
     except NotExistent:
@@ -187,11 +199,14 @@ def ensure_localhost(label: str = 'localhost', workdir: str | None = None):
         computer = orm.Computer(
             label=label,
             hostname='localhost',
-            description='Local machine, set up by aiida-mlip',
+            description=f'Local machine ({scheduler}), set up by aiida-mlip',
             transport_type='core.local',
-            scheduler_type='core.direct',
+            scheduler_type=scheduler,
             workdir=workdir,
         ).store()
+    if computer.scheduler_type != scheduler or computer.transport_type != 'core.local':
+        raise ValueError(f'computer `{label}` exists with {computer.transport_type} + {computer.scheduler_type}, '
+                         f'not core.local + {scheduler}: choose another label or remove it (`verdi computer delete`)')
     if not computer.is_configured:
         computer.configure(safe_interval=0, use_login_shell=False)
     computer.set_minimum_job_poll_interval(1)
@@ -201,6 +216,38 @@ def ensure_localhost(label: str = 'localhost', workdir: str | None = None):
     if prepend != computer.get_prepend_text():
         computer.set_prepend_text(prepend)
     return computer
+
+
+def slurm_partitions(timeout: float = 20.0) -> dict:
+    """Partitions of the SLURM cluster this machine reaches: name -> {'default', 'available', 'max_time'}.
+
+    The probe ``aiida-mlip setup --scheduler slurm`` runs before it creates anything, so that a computer is never
+    made for a cluster that does not answer. ``sinfo`` reads the same configuration (``SLURM_CONF`` or
+    ``/etc/slurm/slurm.conf``) as the ``sbatch``/``squeue`` that aiida-core's ``core.slurm`` runs later.
+
+    :raises ConnectionError: ``sinfo`` is missing or the controller does not answer.
+    """
+    import subprocess
+
+    start_hint = '`bash scripts/slurm_local.sh start` installs and starts a one-node cluster on this machine'
+    if shutil.which('sinfo') is None:
+        raise ConnectionError(f'sinfo not found: no SLURM client here ({start_hint})')
+    named = os.environ.get('SLURM_CONF')
+    if named and not pathlib.Path(named).is_file():  # sinfo would retry for 60 s before saying so
+        raise ConnectionError(f'SLURM_CONF names {named}, which does not exist ({start_hint})')
+    try:
+        result = subprocess.run(['sinfo', '-h', '-o', '%P|%a|%l'], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ConnectionError(f'SLURM did not answer within {timeout:.0f} s (sinfo; {start_hint})') from None
+    if result.returncode != 0 or not result.stdout.strip():
+        raise ConnectionError(f'SLURM does not answer: {result.stderr.strip() or "sinfo printed nothing"} '
+                              f'({start_hint})')
+    partitions = {}
+    for line in result.stdout.split():
+        name, available, max_time = line.split('|')
+        partitions[name.rstrip('*')] = {'default': name.endswith('*'), 'available': available,
+                                        'max_time': max_time}
+    return partitions
 
 
 def ensure_installed_code(label: str, computer, executable: str, plugin: str, description: str, with_mpi=None):
