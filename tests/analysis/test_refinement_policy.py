@@ -1,6 +1,8 @@
 """Refinement policy (aiida_mlip.analysis.refinement) and the targeted cells it makes
 (aiida_mlip.calculations.refinement cell makers): each failed check gives its own kind of cell, and no targeted
 cell is one of the validation's own cells."""
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from ase.build import bulk
@@ -136,8 +138,43 @@ def test_phonon_cells_displace_every_atom_of_the_supercell(si2):
     assert not np.allclose(cells[0].positions, cells[1].positions)
 
 
-def test_phonon_cells_rattle_the_conventional_cell_by_default(si2):
-    cells = phonon_cells(si2, {'count': 3, 'supercell_matrix': [2, 2, 2], 'rattle': 0.03}, np.random.default_rng(0))
+@pytest.mark.parametrize('diagonal', [(2, 2, 2), (3, 3, 3), (4, 4, 4), (2, 2, 4)])
+def test_each_commensurate_qpoint_repeats_in_its_small_cell(diagonal):
+    for k in np.ndindex(*diagonal):
+        qpoint = np.array(k) / np.array(diagonal)
+        matrix = policy.qpoint_supercell_matrix(qpoint)
+        order = np.lcm.reduce([Fraction(float(x)).limit_denominator(100).denominator for x in qpoint])
+        assert round(abs(np.linalg.det(matrix))) == order  # the fewest primitive cells a phonon at q can repeat in
+        phases = matrix @ qpoint
+        assert np.allclose(phases, np.round(phases))  # q . R integer for every vector of the cell
+
+
+def test_no_small_cell_where_no_component_is_prime_to_the_order():
+    assert policy.qpoint_supercell_matrix([0.5, 1 / 3, 0.0]) is None
+    assert np.array_equal(policy.qpoint_supercell_matrix([0.0, 0.0, 1.0]), np.eye(3))
+
+
+def test_fcc_2x2x2_qpoints_are_the_l_and_x_stars(si2):
+    stars = policy.commensurate_qpoint_stars(si2.cell[:], si2.get_scaled_positions(), si2.numbers, [2, 2, 2])
+    assert [count for _, count in stars] == [4, 3]  # 4 L points, 3 X points; with Gamma the 8 of the supercell
+    reciprocal = si2.cell.reciprocal()  # 1/Å, without 2 pi
+    lengths = [np.linalg.norm(np.array(q) @ reciprocal) * si2.cell.cellpar()[0] * np.sqrt(2) for q, _ in stars]
+    assert np.allclose(lengths, [np.sqrt(3) / 2, 1.0])  # |L| = sqrt(3)/2 and |X| = 1 in units of 2 pi / a
+
+
+def test_phonon_cells_rattle_the_qpoint_cells_in_turn_by_default(si2):
+    cells = phonon_cells(si2, {'count': 4, 'supercell_matrix': [2, 2, 2], 'rattle': 0.03}, np.random.default_rng(0))
+    assert [len(cell) for cell in cells] == [4, 4, 4, 4]  # L, X, L, X cells: 2 primitive cells each
+    assert all(np.isclose(cell.get_volume(), 2 * si2.get_volume()) for cell in cells)
+    assert not np.allclose(cells[0].cell.array, cells[1].cell.array)
+    for cell in cells:
+        neighbours = np.sort(cell.get_all_distances(mic=True), axis=1)[:, 1]
+        assert np.all(np.abs(neighbours - 2.37) < 0.25)  # rattled diamond bonds, no atom on top of another
+
+
+def test_phonon_cells_rattle_the_conventional_cell_on_request(si2):
+    cells = phonon_cells(si2, {'count': 3, 'supercell_matrix': [2, 2, 2], 'rattle': 0.03, 'cell': 'conventional'},
+                         np.random.default_rng(0))
     assert len(cells) == 3 and all(len(cell) == 8 for cell in cells)
     assert np.isclose(cells[0].get_volume(), 4 * si2.get_volume())
     cell = cells[0].cell.cellpar()
@@ -149,6 +186,6 @@ def test_phonon_cells_rattle_the_conventional_cell_by_default(si2):
 def test_phonon_cells_fall_back_to_the_supercell_without_a_larger_conventional_cell():
     from ase.build import bulk
     cubic = bulk('Po', 'sc', a=3.3)
-    cells = phonon_cells(cubic, {'count': 1, 'supercell_matrix': [2, 2, 2], 'rattle': 0.03},
+    cells = phonon_cells(cubic, {'count': 1, 'supercell_matrix': [2, 2, 2], 'rattle': 0.03, 'cell': 'conventional'},
                          np.random.default_rng(0))
     assert len(cells[0]) == 8
