@@ -172,9 +172,9 @@ def qpoint_supercell_matrix(qpoint) -> np.ndarray | None:
     fractions = [Fraction(float(x)).limit_denominator(1000) % 1 for x in qpoint]
     order = lcm(*(fraction.denominator for fraction in fractions))
     numerators = [int(fraction * order) for fraction in fractions]
-    pivot = next((i for i, p in enumerate(numerators) if gcd(p, order) == 1), None)
     if order == 1:
         return np.eye(3, dtype=int)
+    pivot = next((i for i, p in enumerate(numerators) if gcd(p, order) == 1), None)
     if pivot is None:
         return None
     inverse = pow(numerators[pivot], -1, order)

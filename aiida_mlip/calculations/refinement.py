@@ -49,6 +49,14 @@ def conventional_cell(atoms):
     return Atoms(numbers=numbers, cell=lattice, scaled_positions=positions, pbc=True)
 
 
+def phonon_supercell(atoms, supercell_matrix):
+    """The validation's phonon supercell: 3 repetitions or a 3x3 integer matrix."""
+    from ase.build import make_supercell
+
+    matrix = np.asarray(supercell_matrix, dtype=int)
+    return make_supercell(atoms, np.diag(matrix) if matrix.shape == (3,) else matrix)
+
+
 def qpoint_cells(atoms, supercell_matrix) -> list:
     """For each symmetry star of the phonon supercell's non-Gamma q-points (largest first), the smallest cell in
     which that phonon repeats (diamond Si, 2x2x2: L and X, 4 atoms each); the supercell itself where the q-points
@@ -57,19 +65,18 @@ def qpoint_cells(atoms, supercell_matrix) -> list:
 
     matrix = np.asarray(supercell_matrix, dtype=int)
     diagonal = np.diag(matrix) if matrix.shape == (3, 3) else matrix
-    supercell = make_supercell(atoms, np.diag(diagonal))
     if matrix.shape == (3, 3) and np.any(matrix != np.diag(diagonal)):
-        return [make_supercell(atoms, matrix)]
+        return [phonon_supercell(atoms, matrix)]
     cells = []
     for qpoint, _ in commensurate_qpoint_stars(atoms.cell[:], atoms.get_scaled_positions(), atoms.numbers, diagonal):
         repeat = qpoint_supercell_matrix(qpoint)
         if repeat is None:
-            cells.append(supercell)
+            cells.append(phonon_supercell(atoms, diagonal))
             continue
         cell = make_supercell(atoms, repeat)
         niggli_reduce(cell)  # the same lattice in its most compact cell: fewer plane waves per k-point
         cells.append(cell)
-    return cells or [supercell]
+    return cells or [phonon_supercell(atoms, diagonal)]
 
 
 def phonon_cells(atoms, plan: dict, rng: np.random.Generator) -> list:
@@ -81,8 +88,6 @@ def phonon_cells(atoms, plan: dict, rng: np.random.Generator) -> list:
     ``atoms`` (diamond Si: 8 atoms, commensurate with Gamma and X only); otherwise, and with ``cell: supercell``,
     the validation's phonon supercell.
     """
-    from ase.build import make_supercell
-
     amplitude, count = float(plan['rattle']), int(plan['count'])
     kind = plan.get('cell', 'commensurate')
     if kind == 'commensurate':
@@ -93,9 +98,8 @@ def phonon_cells(atoms, plan: dict, rng: np.random.Generator) -> list:
         cell = conventional_cell(atoms)
         if len(cell) > len(atoms):
             return rattled_copies(cell, amplitude, count, int(rng.integers(2**31)))
-    matrix = np.asarray(plan['supercell_matrix'], dtype=int)
-    supercell = make_supercell(atoms, np.diag(matrix) if matrix.shape == (3,) else matrix)
-    return rattled_copies(supercell, amplitude, count, int(rng.integers(2**31)))
+    return rattled_copies(phonon_supercell(atoms, plan['supercell_matrix']), amplitude, count,
+                          int(rng.integers(2**31)))
 
 
 CELL_MAKERS = {'eos': eos_cells, 'elastic': elastic_cells, 'phonons': phonon_cells}
