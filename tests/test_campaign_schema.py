@@ -50,6 +50,17 @@ def test_good_campaign_is_normalised():
     assert campaign['transferability']['train_all'] is True
 
 
+def test_supercell_matrix_is_accepted_and_counted_for_the_one_atom_check():
+    """A 3x3 matrix (e.g. the 4-atom Si cell commensurate with an X point) is kept; a 1-atom fcc cell doubled by a
+    matrix has 2 atoms, so it may be rattled."""
+    x_cell = [[1, -1, 0], [1, 1, 0], [0, 0, 1]]
+    data = modified(lambda d: (d['classes']['covalent']['materials'][0].update(sampling={'supercell': x_cell}),
+                               d['classes']['metals']['materials'][0].update(cubic=False, sampling={'supercell': x_cell})))
+    campaign = check_campaign(data, 'camp.yaml')
+    assert campaign['materials']['si']['sampling']['supercell'] == x_cell
+    assert campaign['materials']['cu']['sampling']['supercell'] == x_cell
+
+
 def test_pw_parameters_are_kept_by_namelist():
     campaign = check_campaign({**GOOD, 'dft': {'parameters': {'SYSTEM': {'nbnd': 40, 'degauss': 0.01},
                                                               'ELECTRONS': {'mixing_beta': 0.3}}}}, 'camp.yaml')
@@ -110,6 +121,13 @@ def test_shipped_campaign_files_are_valid(path):
      ['camp.yaml:classes.metals.materials[1]: material name `si` is used twice']),
     (lambda d: d['classes']['metals']['materials'][0].pop('cubic'),
      ['camp.yaml:classes.metals.materials[0].sampling.rattle: rattling a 1-atom cell moves the atom with its images']),
+    (lambda d: d['classes']['metals']['materials'][0].update(cubic=False, sampling={'supercell': [[1, -1, 0], [1, 1, 0],
+                                                                                                [0, 0, 0]]}),
+     ['camp.yaml:classes.metals.materials[0].sampling.supercell: the 3x3 matrix [[1, -1, 0], [1, 1, 0], [0, 0, 0]] '
+      'must have a positive determinant',
+      'camp.yaml:classes.metals.materials[0].sampling.rattle: rattling a 1-atom cell']),
+    (lambda d: d['classes']['covalent']['materials'][0].update(sampling={'supercell': [2, 2]}),
+     ['camp.yaml:classes.covalent.materials[0].sampling.supercell: must be 3 positive integers']),
     (lambda d: d['classes']['covalent']['materials'][0].update(file='missing.cif'),
      ['camp.yaml:classes.covalent.materials[0]: give either `file` or `formula`']),
 ])

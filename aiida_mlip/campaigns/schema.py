@@ -163,7 +163,7 @@ SAMPLING_KEYS = {
     'volumes': 'relative volume changes, e.g. [-0.04, 0, 0.04]',
     'rattle': '{amplitude (Å), count, seed}',
     'strains': 'list of Voigt-6 strains [xx, yy, zz, yz, xz, xy]',
-    'supercell': '3 repetitions applied before sampling',
+    'supercell': '3 repetitions or a 3x3 integer matrix, applied before sampling',
 }
 RATTLE_KEYS = {'amplitude': 'Gaussian displacement (Å)', 'count': 'number of cells', 'seed': 'random seed'}
 MATERIAL_KEYS = {
@@ -338,12 +338,33 @@ def _check_sampling(checker: _Checker, value, key: str, base=None) -> dict:
                                for index, strain in enumerate(strains)]
     if 'supercell' in value:
         repetitions = value['supercell']
-        if repetitions is not None and (not isinstance(repetitions, list) or len(repetitions) != 3 or any(
-                isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in repetitions)):
-            checker.error(f'{key}.supercell', f'must be 3 positive integers, e.g. [2, 2, 2], got {repetitions!r}')
+        if repetitions is not None and supercell_problem(repetitions):
+            checker.error(f'{key}.supercell', supercell_problem(repetitions))
             repetitions = None
         sampling['supercell'] = repetitions
     return sampling
+
+
+def supercell_problem(value) -> str | None:
+    """Why ``value`` is neither 3 positive integers nor a 3x3 integer matrix with a positive determinant."""
+    def integers(row):
+        return isinstance(row, list) and len(row) == 3 and all(
+            isinstance(n, int) and not isinstance(n, bool) for n in row)
+
+    if integers(value) and all(n >= 1 for n in value):
+        return None
+    if isinstance(value, list) and len(value) == 3 and all(integers(row) for row in value):
+        if round(np.linalg.det(np.array(value))) >= 1:
+            return None
+        return f'the 3x3 matrix {value!r} must have a positive determinant (the number of cells it holds)'
+    return (f'must be 3 positive integers, e.g. [2, 2, 2], or a 3x3 integer matrix of the new cell vectors in the old '
+            f'ones, e.g. [[1, -1, 0], [1, 1, 0], [0, 0, 1]]; got {value!r}')
+
+
+def supercell_size(value) -> int:
+    """The number of cells a valid ``supercell`` entry (3 repetitions or a 3x3 matrix) holds."""
+    matrix = np.array(value)
+    return int(np.prod(matrix)) if matrix.ndim == 1 else int(round(np.linalg.det(matrix)))
 
 
 def _check_classes(checker: _Checker, value, default_sampling: dict, base_dir: pathlib.Path):
@@ -435,7 +456,7 @@ def _check_material(checker: _Checker, value, key: str, sampling: dict, base_dir
             not material_sampling.get('strains'):
         checker.error(f'{key}.sampling', 'samples no cell: give volumes, rattle or strains')
     repetitions = material_sampling.get('supercell') or (1, 1, 1)
-    if material_sampling.get('rattle') and len(atoms) * int(np.prod(repetitions)) == 1:
+    if material_sampling.get('rattle') and len(atoms) * supercell_size(repetitions) == 1:
         checker.error(f'{key}.sampling.rattle', 'rattling a 1-atom cell moves the atom with its images: every force '
                                                  'stays zero. Use `cubic: true` or `supercell: [2, 2, 2]`')
     return {'name': name, 'source': source, 'elements': sorted(set(atoms.get_chemical_symbols())),
