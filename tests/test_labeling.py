@@ -188,22 +188,24 @@ def test_too_many_failures_fail_with_exit_code_and_keep_the_data(pw_code, pseudo
     assert list(results['quality_report']['dropped']) == ['bad']
 
 
-def test_max_concurrent_runs_the_frames_in_batches(pw_code, pseudo_family):
+def test_max_concurrent_caps_the_runs_in_flight_and_starts_the_largest_first(pw_code, pseudo_family):
     from ase.build import bulk
 
-    structures = {f'si2_{index}': orm.StructureData(ase=bulk('Si', 'diamond', a=a))
-                  for index, a in enumerate((5.36, 5.43, 5.50))}
+    si8 = rattle_structure(orm.StructureData(ase=bulk('Si', 'diamond', a=5.43, cubic=True)), orm.Float(0.05),
+                           orm.Int(1), orm.Int(3))['structure_000']
+    structures = {'a_si2': orm.StructureData(ase=bulk('Si', 'diamond', a=5.36)),
+                  'b_si2': orm.StructureData(ase=bulk('Si', 'diamond', a=5.50)), 'z_si8': si8}
     results, node = engine.run_get_node(labeling_builder(pw_code, structures, max_concurrent=2))
     assert node.is_finished_ok, node.exit_message
     assert results['dataset'].n_frames == 3
     runs = sorted((called for called in node.called if called.process_label == 'PwBaseWorkChain'),
                   key=lambda called: called.ctime)
-    assert len(runs) == 3
-    first_batch, second_batch = runs[:2], runs[2]
-    assert all(run.is_finished_ok for run in runs)
-    # the third pw.x starts only once both of the first batch have ended (sealed at termination)
-    assert second_batch.ctime > max(run.mtime for run in first_batch)
-    assert first_batch[1].ctime < first_batch[0].mtime  # the first two ran side by side
+    assert len(runs) == 3 and all(run.is_finished_ok for run in runs)
+    # the 8-atom frame starts first although its key sorts last: no long run is left to end alone
+    assert len(runs[0].inputs.pw.structure.sites) == 8
+    # never more than 2 in flight (a node is sealed at termination): the third starts after one of the first two ended
+    assert runs[2].ctime > min(run.mtime for run in runs[:2])
+    assert runs[1].ctime < runs[0].mtime  # the first two ran side by side
 
 
 def test_max_concurrent_below_one_is_refused(pw_code, pseudo_family, si2):

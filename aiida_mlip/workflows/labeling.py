@@ -109,6 +109,12 @@ def validate_structures(value, _):
     return structures_problem(dict(value or {}))
 
 
+def relative_pw_cost(structure: orm.StructureData) -> int:
+    """A pw.x run's cost up to a constant, for the launch order only: bands x plane waves x k-points at a fixed
+    k-point spacing grows as the number of atoms squared."""
+    return len(structure.sites) ** 2
+
+
 def validate_max_concurrent(value, _):
     """At least one pw.x run must be allowed at a time."""
     if value is not None and value.value < 1:
@@ -193,8 +199,8 @@ class DftLabelingWorkChain(ProtocolMixin, WorkChain):
                    help='Clean the remote folders of the pw.x runs when done.')
         spec.input('max_concurrent', valid_type=orm.Int, required=False, serializer=orm.to_aiida_type,
                    validator=validate_max_concurrent,
-                   help='Largest number of pw.x runs of this labeling in flight at once: the frames go in batches '
-                        'of this size, each batch after the previous one finished (default: all at once).')
+                   help='Largest number of pw.x runs of this labeling in flight at once: the most expensive frames '
+                        'start first and each run that ends frees its slot for the next (default: all at once).')
         spec.inputs.validator = validate_inputs
 
         spec.outline(
@@ -202,6 +208,7 @@ class DftLabelingWorkChain(ProtocolMixin, WorkChain):
             while_(cls.frames_left)(
                 cls.run_labeling,
             ),
+            cls.await_labeling,
             cls.inspect_labeling,
             cls.collect_dataset,
             cls.results,
@@ -295,7 +302,13 @@ class DftLabelingWorkChain(ProtocolMixin, WorkChain):
                 self.ctx.frames.append({'key': f'isolated_{element}', 'structure': structure,
                                         'config_type': ISOLATED_ATOM})
         self.ctx.family = load_pseudo_family(self.inputs.pseudo_family.value)
+        # launch order: with a cap, the most expensive first, so that no long run starts last and ends alone
+        order = range(len(self.ctx.frames))
+        if 'max_concurrent' in self.inputs:
+            order = sorted(order, key=lambda index: -relative_pw_cost(self.ctx.frames[index]['structure']))
+        self.ctx.launch_order = list(order)
         self.ctx.next_frame = 0
+        self.ctx.in_flight = []
 
     def _pw_base_inputs(self, frame: dict) -> AttributeDict:
         inputs = AttributeDict(self.exposed_inputs(PwBaseWorkChain, namespace='pw_base'))
@@ -335,17 +348,28 @@ class DftLabelingWorkChain(ProtocolMixin, WorkChain):
         return self.ctx.next_frame < len(self.ctx.frames)
 
     def run_labeling(self):
-        """Launch the next batch of PwBaseWorkChains (all frames without ``max_concurrent``); they run concurrently."""
-        start = self.ctx.next_frame
-        size = self.inputs.max_concurrent.value if 'max_concurrent' in self.inputs else len(self.ctx.frames)
-        self.ctx.next_frame = min(start + size, len(self.ctx.frames))
-        futures = {}
-        for index in range(start, self.ctx.next_frame):
+        """Fill the free slots (all frames at once without ``max_concurrent``) and wake up when the run launched last
+        ends: it is the cheapest in flight, so a slot is refilled soon after any run ends (a work chain step can
+        await all of its futures, not the first of them)."""
+        cap = self.inputs.max_concurrent.value if 'max_concurrent' in self.inputs else len(self.ctx.frames)
+        self.ctx.in_flight = [pk for pk in self.ctx.in_flight if not orm.load_node(pk).is_terminated]
+        launched = None
+        while len(self.ctx.in_flight) < cap and self.frames_left():
+            index = self.ctx.launch_order[self.ctx.next_frame]
+            self.ctx.next_frame += 1
             frame = self.ctx.frames[index]
-            node = self.submit(PwBaseWorkChain, **self._pw_base_inputs(frame))
-            self.report(f'launched PwBaseWorkChain<{node.pk}> for `{frame["key"]}`')
-            futures[frame_link_prefix(index)] = node
-        return ToContext(**futures)
+            launched = self.submit(PwBaseWorkChain, **self._pw_base_inputs(frame))
+            self.report(f'launched PwBaseWorkChain<{launched.pk}> for `{frame["key"]}`')
+            self.ctx[frame_link_prefix(index)] = launched
+            self.ctx.in_flight.append(launched.pk)
+        if not self.frames_left():
+            return None
+        return ToContext(last_launched=launched or orm.load_node(self.ctx.in_flight[-1]))
+
+    def await_labeling(self):
+        """Wait for every run still in flight."""
+        return ToContext(**{frame_link_prefix(index): self.ctx[frame_link_prefix(index)]
+                            for index in range(len(self.ctx.frames))})
 
     def _frame_problem(self, node, outputs) -> tuple[str | None, list[str]]:
         """(reason to drop, warnings) for one finished PwBaseWorkChain, whose labels are ``outputs``."""
