@@ -338,8 +338,9 @@ def _check_sampling(checker: _Checker, value, key: str, base=None) -> dict:
                                for index, strain in enumerate(strains)]
     if 'supercell' in value:
         repetitions = value['supercell']
-        if repetitions is not None and supercell_problem(repetitions):
-            checker.error(f'{key}.supercell', supercell_problem(repetitions))
+        problem = supercell_problem(repetitions) if repetitions is not None else None
+        if problem:
+            checker.error(f'{key}.supercell', problem)
             repetitions = None
         sampling['supercell'] = repetitions
     return sampling
@@ -364,7 +365,7 @@ def supercell_problem(value) -> str | None:
 def supercell_size(value) -> int:
     """The number of cells a valid ``supercell`` entry (3 repetitions or a 3x3 matrix) holds."""
     matrix = np.array(value)
-    return int(np.prod(matrix)) if matrix.ndim == 1 else int(round(np.linalg.det(matrix)))
+    return round(np.linalg.det(np.diag(matrix) if matrix.ndim == 1 else matrix))
 
 
 def _check_classes(checker: _Checker, value, default_sampling: dict, base_dir: pathlib.Path):
