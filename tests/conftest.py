@@ -21,7 +21,8 @@ TEST_FAMILY = 'PBE-test'
 #: fine-tuning): under pytest-xdist one worker runs them all, so each of those fixtures is computed once.
 SHARED_MODEL_MODULES = {'test_report', 'test_validation', 'test_training', 'test_finetune', 'test_query'}
 #: The longest groups (minutes each, `--durations`), sent to the workers first so that the workers end together.
-LONGEST_GROUPS = ('test_production', 'shared_models', 'test_campaign', 'test_transferability', 'test_active_learning')
+LONGEST_GROUPS = ('test_production', 'shared_models', 'test_refinement', 'test_campaign', 'test_transferability',
+                  'test_active_learning')
 
 
 def xdist_group(item) -> str:
@@ -29,9 +30,12 @@ def xdist_group(item) -> str:
     return 'shared_models' if module in SHARED_MODEL_MODULES else item.module.__name__.removeprefix('tests.')
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Keep each module's tests in one pytest-xdist worker (`--dist loadgroup`, scripts/test.sh), so module
-    fixtures run once, and put the longest groups first."""
+    fixtures run once, and put the longest groups first. First among the hooks: pytest-xdist's own hook turns the
+    `xdist_group` marks into the node ids' `@group` suffix, and marks added after it are ignored (each test was
+    then scheduled alone and module fixtures ran once per worker)."""
     for item in items:
         item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
 

@@ -172,3 +172,26 @@ def test_pw_parameters_and_validation_relax_of_the_campaign_reach_its_builder(pw
     parameters = builder.labeling.pw_base.pw.parameters.get_dict()
     assert parameters['ELECTRONS']['mixing_beta'] == 0.3 and parameters['SYSTEM']['nbnd'] == 20
     assert parameters['SYSTEM']['ecutwfc'] == campaign['dft']['ecutwfc']  # the campaign's own keys still apply
+
+
+def test_resources_of_the_campaign_reach_every_kind_of_job(pw_code, pseudo_family, mlip_codes):  # noqa: F811
+    """`resources.pw` lands in the pw.x options of the labels (which the DFT reference and the targets share),
+    `resources.mace_train` in the training jobs', `resources.evaluate` in the test-split scoring and in
+    `evaluate_options`, which every evaluate, relax and MD job of the validation and refinement uses."""
+    campaign = load_campaign(CAMPAIGN)
+    campaign['resources'] = {
+        'pw': {'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 2}, 'max_wallclock_seconds': 1800,
+               'queue_name': 'debug'},
+        'mace_train': {'max_wallclock_seconds': 7200, 'custom_scheduler_commands': '#SBATCH --gres=gpu:1'},
+        'evaluate': {'max_wallclock_seconds': 600, 'account': 'p1'},
+    }
+    builder = build_campaign(campaign, 'si_ge_test.yaml')
+    pw_options = builder.labeling.pw_base.pw.metadata.options
+    assert pw_options.resources == {'num_machines': 1, 'num_mpiprocs_per_machine': 2}
+    assert (pw_options.max_wallclock_seconds, pw_options.queue_name) == (1800, 'debug')
+    train_options = builder.training.training.mace.metadata.options
+    assert train_options['max_wallclock_seconds'] == 7200 and 'gres=gpu:1' in train_options['custom_scheduler_commands']
+    assert train_options['resources'] == {'num_machines': 1, 'num_mpiprocs_per_machine': 1}
+    assert builder.training.evaluate.metadata.options['account'] == 'p1'
+    assert builder.evaluate_options.get_dict() == {'max_wallclock_seconds': 600, 'account': 'p1'}
+    assert 'evaluate_options' not in build_campaign(load_campaign(CAMPAIGN), 'si_ge_test.yaml')

@@ -67,6 +67,21 @@ def test_pw_parameters_are_kept_by_namelist():
     assert campaign['dft']['parameters'] == {'SYSTEM': {'nbnd': 40, 'degauss': 0.01}, 'ELECTRONS': {'mixing_beta': 0.3}}
 
 
+def test_resources_become_the_metadata_options_of_each_kind_of_job():
+    """Counts become ``options.resources`` (one machine unless given); a job kind the file does not name keeps the
+    builders' defaults."""
+    campaign = check_campaign({**GOOD, 'resources': {
+        'pw': {'num_mpiprocs_per_machine': 4, 'max_wallclock_seconds': 1800, 'queue_name': 'debug', 'account': 'p1'},
+        'mace_train': {'custom_scheduler_commands': '#SBATCH --gres=gpu:1', 'qos': 'short', 'max_memory_kb': 8000000},
+    }}, 'camp.yaml')
+    assert campaign['resources'] == {
+        'pw': {'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 4}, 'max_wallclock_seconds': 1800,
+               'queue_name': 'debug', 'account': 'p1'},
+        'mace_train': {'custom_scheduler_commands': '#SBATCH --gres=gpu:1', 'qos': 'short', 'max_memory_kb': 8000000},
+    }
+    assert check_campaign(GOOD, 'camp.yaml')['resources'] == {}
+
+
 @pytest.mark.parametrize('path', sorted(WORKFLOWS.glob('*.yaml')), ids=lambda path: path.name)
 def test_shipped_campaign_files_are_valid(path):
     campaign = load_campaign(path)
@@ -88,6 +103,14 @@ def test_shipped_campaign_files_are_valid(path):
     (lambda d: d.update(dft={'max_concurrent': 0}), ['camp.yaml:dft.max_concurrent: must be >= 1, got 0']),
     (lambda d: d.update(dft={'max_concurrent': 2.5}), ['camp.yaml:dft.max_concurrent: must be an integer']),
     (lambda d: d['validation'].update(relax='yes'), ['camp.yaml:validation.relax: must be true or false']),
+    (lambda d: d.update(resources={'md': {'queue_name': 'debug'}}),
+     ['camp.yaml:resources.md: unknown key; allowed: evaluate, mace_train, pw']),
+    (lambda d: d.update(resources={'pw': {'walltime': 60, 'max_wallclock_seconds': '1h', 'num_machines': 0}}),
+     ['camp.yaml:resources.pw.walltime: unknown key', 'camp.yaml:resources.pw.max_wallclock_seconds: must be an '
+      'integer, got a string', 'camp.yaml:resources.pw.num_machines: must be > 0, got 0']),
+    (lambda d: d.update(resources={'evaluate': {'queue_name': 3}, 'mace_train': 'gpu'}),
+     ['camp.yaml:resources.evaluate.queue_name: must be a string, got int 3',
+      'camp.yaml:resources.mace_train: must be a mapping']),
     (lambda d: d.update(dft={'parameters': {'SYSTEM': {'ecutwfc': 60, 'nbnd': [8]}, 'CONTROL': {'tstress': False}}}),
      ['camp.yaml:dft.parameters.CONTROL: unknown key', 'camp.yaml:dft.parameters.SYSTEM.ecutwfc: set by dft.ecutwfc',
       'camp.yaml:dft.parameters.SYSTEM.nbnd: must be a number, string or true/false']),

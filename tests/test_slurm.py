@@ -155,6 +155,52 @@ def test_pw_label_through_slurm_over_ssh(ssh_slurm_computer, ssh_server, slurm_c
     print(f'SLURM over SSH, one Si2 pw.x label: {seconds:.1f} s')
 
 
+#: The campaign's `resources` time limits per kind of job (seconds; SLURM's TimeLimit is in minutes): distinct, so
+#: that SLURM's record tells which setting reached which job.
+CAMPAIGN_WALLTIMES = {'pw': 240, 'mace_train': 420, 'evaluate': 180}
+
+
+@pytest.mark.pw
+def test_a_campaign_runs_every_job_through_slurm_with_the_time_limit_of_its_resources(slurm_computer, slurm_cluster,  # noqa: F811
+                                                                                     pseudo_family):
+    """A one-class campaign (pw.x labels, a tiny model, its test-split scoring, an EOS validation against its own DFT)
+    with `codes` on the SLURM computer and a `resources` section: every CalcJob is a SLURM job COMPLETED in SLURM's
+    record, with the time limit of its kind."""
+    require_pw()
+    from aiida_mlip.campaigns.builder import build_campaign
+    from aiida_mlip.campaigns.schema import check_campaign
+    from aiida_mlip.setup.environment import ensure_mlip_codes, ensure_pw_code
+
+    codes = {'pw': ensure_pw_code(slurm_computer), **ensure_mlip_codes(slurm_computer)}
+    campaign = check_campaign({
+        'name': 'slurm_campaign', 'pseudo_family': TEST_FAMILY,
+        'codes': {key: codes[key].full_label for key in ('pw', 'mace_train', 'evaluate', 'md')},
+        'resources': {kind: {'max_wallclock_seconds': seconds} for kind, seconds in CAMPAIGN_WALLTIMES.items()},
+        'dft': {'ecutwfc': 20.0, 'ecutrho': 160.0, 'kpoints_distance': 0.6},
+        'classes': {'silicon': {'materials': [{'formula': 'Si', 'prototype': 'diamond', 'a': 5.45}]}},
+        'sampling': {'volumes': [-0.04, 0.04], 'rattle': {'amplitude': 0.06, 'count': 2, 'seed': 7}},
+        'training': {'protocol': 'fast', 'split_fractions': {'train': 0.6, 'valid': 0.2, 'test': 0.2},
+                     'mace': {'max_num_epochs': 2, 'batch_size': 2, 'valid_batch_size': 2}},
+        'validation': {'protocol': 'fast', 'properties': ['eos']},
+    }, 'slurm_campaign.yaml')
+    start = time.perf_counter()
+    results, node = engine.run_get_node(build_campaign(campaign, 'slurm_campaign.yaml'))
+    seconds = time.perf_counter() - start
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+
+    plugins = {'quantumespresso.pw': 'pw', 'mlip.mace_train': 'mace_train', 'mlip.evaluate': 'evaluate'}
+    jobs = [job for job in node.called_descendants if isinstance(job, orm.CalcJobNode)]
+    kinds = {job.pk: plugins[job.process_type.split(':')[-1]] for job in jobs}
+    assert sorted(set(kinds.values())) == ['evaluate', 'mace_train', 'pw'], kinds
+    for job in jobs:
+        assert job.computer.uuid == slurm_computer.uuid, job
+        record = slurm_cluster.record(job.get_job_id())
+        limit = math.ceil(CAMPAIGN_WALLTIMES[kinds[job.pk]] / 60)
+        assert (record['JobState'], record['TimeLimit']) == ('COMPLETED', str(limit)), (kinds[job.pk], record)
+    counts = {kind: list(kinds.values()).count(kind) for kind in CAMPAIGN_WALLTIMES}
+    print(f'campaign through SLURM: {len(jobs)} jobs {counts}, {seconds:.0f} s')
+
+
 @pytest.mark.pw
 def test_a_job_past_its_slurm_time_limit_ends_with_the_walltime_exit_code(walltime_job, slurm_cluster):  # noqa: F811
     """SLURM kills the job at its real 1-minute limit; core.slurm's parse_output reads slurmstepd's CANCELLED ... DUE TO

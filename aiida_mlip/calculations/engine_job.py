@@ -34,6 +34,21 @@ THREADS_HELP = (
 )
 
 
+#: ``metadata.options`` that describe where and how long a job runs, not its files: what one engine job's options
+#: hand on to another job of the same model (evaluate -> relax, MD).
+SCHEDULER_OPTION_KEYS = ('resources', 'max_wallclock_seconds', 'queue_name', 'account', 'qos', 'withmpi',
+                         'custom_scheduler_commands', 'max_memory_kb')
+EVALUATE_OPTIONS_HELP = ('`metadata.options` of every job that runs a model (evaluate, relax, MD): resources, '
+                         '`max_wallclock_seconds`, `queue_name`, `account`, ...; default: one process, no limit '
+                         'but the computer\'s.')
+
+
+def scheduler_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The scheduler part of ``options`` (a dict, an ``orm.Dict`` or None), to hand to another engine job."""
+    options = options.get_dict() if isinstance(options, orm.Dict) else dict(options or {})
+    return {key: options[key] for key in SCHEDULER_OPTION_KEYS if key in options}
+
+
 def model_filename(index: int) -> str:
     """Name of the ``index``-th model (sorted ``models`` keys) in the job folder."""
     return MODEL_FILENAME.format(index=index)

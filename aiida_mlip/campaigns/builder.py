@@ -76,10 +76,11 @@ def build_campaign(campaign: dict, filename: str = '<campaign>'):
             overrides[key] = dft[key]
     from aiida_quantumespresso.common.types import ElectronicType
 
+    resources = campaign.get('resources', {})
     try:
         labeling = DftLabelingWorkChain.get_builder_from_protocol(
             codes['pw'], structures, protocol=dft['protocol'], pseudo_family=campaign['pseudo_family'],
-            overrides=overrides, electronic_type=ElectronicType(dft['electronic_type']))
+            overrides=overrides, options=resources.get('pw'), electronic_type=ElectronicType(dft['electronic_type']))
     except ValueError as exception:
         raise CampaignError([f'{filename}:dft: {exception}']) from None
 
@@ -89,7 +90,8 @@ def build_campaign(campaign: dict, filename: str = '<campaign>'):
     training_overrides['mace'] = dict(training_settings['mace'])
     training = TrainingWorkChain.get_builder_from_protocol(
         codes['mace_train'], TrainingSet(), protocol=training_settings['protocol'], overrides=training_overrides,
-        evaluate_code=codes['evaluate'])
+        evaluate_code=codes['evaluate'], options=resources.get('mace_train'),
+        evaluate_options=resources.get('evaluate'))
     training = _pruned(training, 'dataset')
     if training_settings['mode'] == 'finetune':
         mace = training['training']['mace']
@@ -107,6 +109,8 @@ def build_campaign(campaign: dict, filename: str = '<campaign>'):
     builder.labeling = _pruned(labeling, 'structures', 'config_types')
     builder.training = training
     builder.evaluate_code = codes['evaluate']
+    if resources.get('evaluate'):
+        builder.evaluate_options = orm.Dict(resources['evaluate'])
     validation = campaign.get('validation')
     if validation:
         first = structures[next(iter(campaign['classes'].values()))[0]]

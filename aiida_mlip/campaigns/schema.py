@@ -133,6 +133,7 @@ TOP_KEYS = {
     'description': 'free text',
     'pseudo_family': 'label of an installed pseudopotential family (default PBE-QE-local)',
     'codes': 'labels of the pw, mace_train, evaluate and md codes',
+    'resources': 'scheduler options of the jobs of each code: {pw, mace_train, evaluate}',
     'dft': 'DFT settings shared by every class',
     'sampling': 'default sampling of every material',
     'classes': 'material classes: label -> {materials, sampling}',
@@ -158,6 +159,21 @@ PW_KEYS_SET_ELSEWHERE = {
     'ecutwfc': 'dft.ecutwfc', 'ecutrho': 'dft.ecutrho', 'occupations': 'dft.electronic_type',
     'nspin': 'spin-polarised labels are not offered (docs/campaigns.md)', 'conv_thr': 'the protocol, per atom',
     'nat': 'the structure', 'ntyp': 'the structure', 'ibrav': 'the structure', 'celldm': 'the structure',
+}
+#: Jobs a campaign's ``resources`` section sets options for; ``evaluate`` also covers the model's relax and MD jobs.
+RESOURCE_JOBS = {'pw': 'pw.x jobs (labels and the DFT reference)', 'mace_train': 'training jobs',
+                 'evaluate': 'jobs that run a model: evaluate, relax and MD'}
+#: Keys of one job's ``resources`` entry -> (``metadata.options`` key, description); the first two form
+#: ``options.resources``.
+RESOURCE_KEYS = {
+    'num_machines': 'nodes per job',
+    'num_mpiprocs_per_machine': 'MPI processes per node',
+    'max_wallclock_seconds': 'time limit of each job, in seconds (SLURM --time)',
+    'queue_name': 'partition (SLURM) or queue',
+    'account': 'account charged (SLURM --account)',
+    'qos': 'quality of service (SLURM --qos)',
+    'max_memory_kb': 'memory per node in kB (SLURM --mem)',
+    'custom_scheduler_commands': 'extra lines of the job script header, e.g. `#SBATCH --gres=gpu:1`',
 }
 SAMPLING_KEYS = {
     'volumes': 'relative volume changes, e.g. [-0.04, 0, 0.04]',
@@ -239,6 +255,7 @@ def check_campaign(data, filename: str = '<campaign>', base_dir=None) -> dict:
     codes = checker.mapping(data.get('codes'), 'codes', {key: f'label of the {key} code' for key in DEFAULT_CODES})
     campaign['codes'] = {key: checker.string(codes.get(key, default), f'codes.{key}')
                          for key, default in DEFAULT_CODES.items()}
+    campaign['resources'] = _check_resources(checker, data.get('resources'))
     campaign['dft'] = _check_dft(checker, data.get('dft'))
     default_sampling = _check_sampling(checker, data.get('sampling', DEFAULT_SAMPLING), 'sampling')
     campaign['classes'], campaign['materials'] = _check_classes(checker, data.get('classes'), default_sampling,
@@ -258,6 +275,28 @@ def check_campaign(data, filename: str = '<campaign>', base_dir=None) -> dict:
         raise CampaignError(checker.errors)
     campaign['elements'] = sorted({e for material in campaign['materials'].values() for e in material['elements']})
     return campaign
+
+
+def _check_resources(checker: _Checker, value) -> dict:
+    """``resources``: per job kind, the ``metadata.options`` of its CalcJobs (only the kinds the file names)."""
+    value = checker.mapping(value, 'resources', RESOURCE_JOBS)
+    resources = {}
+    for job, entry in value.items():
+        key = f'resources.{job}'
+        if job not in RESOURCE_JOBS:
+            continue
+        entry = checker.mapping(entry, key, RESOURCE_KEYS)
+        options, counts = {}, {}
+        for name, setting in entry.items():
+            if name in ('num_machines', 'num_mpiprocs_per_machine', 'max_wallclock_seconds', 'max_memory_kb'):
+                number = checker.number(setting, f'{key}.{name}', integer=True, positive=True)
+                (counts if name.startswith('num_') else options)[name] = number
+            elif name in RESOURCE_KEYS:
+                options[name] = checker.string(setting, f'{key}.{name}')
+        if counts:
+            options['resources'] = {'num_machines': 1, **counts}
+        resources[job] = options
+    return resources
 
 
 def _check_dft(checker: _Checker, value) -> dict:

@@ -17,6 +17,7 @@ from aiida.engine import ToContext, WorkChain, if_
 
 from aiida_mlip.analysis.eos import in_sample_volume_strains
 from aiida_mlip.calculations.datasets import merge_datasets
+from aiida_mlip.calculations.engine_job import EVALUATE_OPTIONS_HELP, scheduler_options
 from aiida_mlip.calculations.sampling import make_supercell, rattle_structure, scale_volume, strain_structure
 from aiida_mlip.data.dataset import TrainingSet
 from aiida_mlip.data.model import MlipModel
@@ -85,6 +86,7 @@ class CampaignWorkChain(WorkChain):
                    help='The `mlip.evaluate` code of the validation and the transferability matrix.')
         spec.input('md_code', valid_type=orm.AbstractCode, required=False,
                    help='The `mlip.md` code, needed when the validation properties include md_stability.')
+        spec.input('evaluate_options', valid_type=orm.Dict, required=False, help=EVALUATE_OPTIONS_HELP)
         spec.expose_inputs(ValidationWorkChain, namespace='validation', exclude=('structure', 'mlip', 'dft', 'md_code'),
                            namespace_options={'required': False, 'populate_defaults': False,
                                               'help': 'Validation settings (properties, thresholds) used per class.'})
@@ -194,6 +196,9 @@ class CampaignWorkChain(WorkChain):
             cells.update({f'{name}_strain_{i:02d}': (strained[key], 'strain') for i, key in enumerate(sorted(strained))})
         return cells
 
+    def _evaluate_options(self) -> dict:
+        return scheduler_options(self.inputs.get('evaluate_options'))
+
     def _dft_engine(self) -> AttributeDict:
         """The labels' DFT settings as the validation's DFT engine."""
         dft = AttributeDict(self.exposed_inputs(DftLabelingWorkChain, namespace='labeling'))
@@ -283,8 +288,9 @@ class CampaignWorkChain(WorkChain):
                                ('targets', orm.Dict), ('retrain', orm.Dict)):
             if key in inputs:
                 inputs[key] = node_type(inputs[key])
-        if 'md_code' in self.inputs:
-            inputs.md_code = self.inputs.md_code
+        for key in ('md_code', 'evaluate_options'):
+            if key in self.inputs:
+                inputs[key] = self.inputs[key]
         node = self.submit(RefinementWorkChain, **inputs)
         self.report(f'refinement: RefinementWorkChain<{node.pk}> from {self.ctx.dataset.n_frames} frames of '
                     f'{len(self.ctx.datasets)} class(es)')
@@ -353,7 +359,7 @@ class CampaignWorkChain(WorkChain):
         inputs = AttributeDict(self.exposed_inputs(ValidationWorkChain, namespace='validation'))
         inputs.structure = self.inputs.structures[campaign['classes'][label][0]]
         inputs.mlip = {'code': self.inputs.evaluate_code, 'models': self.ctx.models,
-                       'metadata': {'options': {'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 1}}}}
+                       'metadata': {'options': self._evaluate_options()}}
         if 'md_code' in self.inputs:
             inputs.md_code = self.inputs.md_code
         reference = self.ctx.get('references', {}).get(label, {})
@@ -391,11 +397,10 @@ class CampaignWorkChain(WorkChain):
         kept = fractions['train'] + fractions.get('valid', 0.0)
         training.split_fractions = orm.Dict({'train': fractions['train'] / kept,
                                              'valid': fractions.get('valid', 0.0) / kept, 'test': 0.0})
-        resources = {'num_machines': 1, 'num_mpiprocs_per_machine': 1}
         inputs = AttributeDict({
             'datasets': self.ctx.datasets,
             'training': training,
-            'evaluate': {'code': self.inputs.evaluate_code, 'metadata': {'options': {'resources': resources}}},
+            'evaluate': {'code': self.inputs.evaluate_code, 'metadata': {'options': self._evaluate_options()}},
             'seed': orm.Int(settings['seed']),
             'test_fraction': orm.Float(settings['test_fraction']),
             'train_all': orm.Bool(settings['train_all']),

@@ -29,6 +29,7 @@ from aiida_mlip.analysis.refinement import (
     SECTIONS, allocate_cells, eos_failing_side, failed_sections, md_target_temperatures,
 )
 from aiida_mlip.calculations.datasets import extend_splits, merge_datasets
+from aiida_mlip.calculations.engine_job import EVALUATE_OPTIONS_HELP, scheduler_options
 from aiida_mlip.calculations.mace_train import mace_parameters_problem
 from aiida_mlip.calculations.md import MlipMdCalculation
 from aiida_mlip.calculations.refinement import PHONON_CELLS, targeted_cells
@@ -246,6 +247,7 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
                    help='The `mlip.evaluate` code of the validation and of the test-split scoring.')
         spec.input('md_code', valid_type=orm.AbstractCode, required=False,
                    help='The `mlip.md` code: the md_stability check and the targeted MD of a failed one.')
+        spec.input('evaluate_options', valid_type=orm.Dict, required=False, help=EVALUATE_OPTIONS_HELP)
         spec.input('max_iterations', valid_type=orm.Int, default=lambda: orm.Int(3),
                    help='Largest number of refinement iterations (label -> retrain -> validate) after the first '
                         'validation; 0 validates the seed model only.')
@@ -391,9 +393,7 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
                     {**inputs.training.mace, 'parameters': orm.Dict(parameters)})})
                 start = 'from the previous committee'
         if not inputs.get('evaluate'):
-            inputs.evaluate = {'code': self.inputs.evaluate_code,
-                               'metadata': {'options': {'resources': {'num_machines': 1,
-                                                                      'num_mpiprocs_per_machine': 1}}}}
+            inputs.evaluate = {'code': self.inputs.evaluate_code, 'metadata': {'options': self._evaluate_options()}}
         inputs.metadata = {'call_link_label': f'training_{self.ctx.iteration}'}
         futures = self._submit_references() if self.ctx.iteration == 0 else {}
         node = self.submit(TrainingWorkChain, **inputs)
@@ -435,6 +435,9 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
         self.ctx.test_metrics = node.outputs.test_metrics if 'test_metrics' in node.outputs else None
         return None
 
+    def _evaluate_options(self) -> dict:
+        return scheduler_options(self.inputs.get('evaluate_options'))
+
     def _validation_inputs(self, label: str, with_model: bool = True) -> AttributeDict:
         """ValidationWorkChain inputs on ``structures[label]``: with its reference known, no DFT job runs; without
         the model, only the DFT reference (and nothing if that is known)."""
@@ -442,7 +445,7 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
         inputs.structure = self.inputs.structures[label]
         if with_model:
             inputs.mlip = {'code': self.inputs.evaluate_code, 'models': self.ctx.models,
-                           'metadata': {'options': {'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 1}}}}
+                           'metadata': {'options': self._evaluate_options()}}
             if 'md_code' in self.inputs:
                 inputs.md_code = self.inputs.md_code
         reference = {**dict(inputs.get('reference', {})), **self.ctx.reference.get(label, {})}
@@ -551,8 +554,7 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
             'temperatures': orm.List(temperatures), 'steps': orm.Int(self.ctx.targets['md_steps']),
             'interval': orm.Int(self.ctx.targets['md_interval']), 'ensemble': orm.Str('nvt'),
             'seed': orm.Int(self.inputs.seed.value + self.ctx.iteration),
-            'metadata': {'call_link_label': f'targeted_md_{self.ctx.iteration}',
-                         'options': {'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 1}}},
+            'metadata': {'call_link_label': f'targeted_md_{self.ctx.iteration}', 'options': self._evaluate_options()},
         }
         node = self.submit(MlipMdCalculation, **inputs)
         self.report(f'iteration {self.ctx.iteration}: MlipMdCalculation<{node.pk}> at {temperatures} K for MD targets')

@@ -115,11 +115,13 @@ class TrainingWorkChain(ProtocolMixin, WorkChain):
 
     @classmethod
     def get_builder_from_protocol(cls, code, dataset, protocol=None, overrides=None, evaluate_code=None,
-                                  options=None, **_):
+                                  options=None, evaluate_options=None, **_):
         """Builder for ``dataset`` with the protocol's MACE settings; ``evaluate_code`` scores the test split.
 
         :param code: an InstalledCode of plugin ``mlip.mace_train`` (``aiida-mlip setup`` creates `mace-train`).
         :param overrides: top-level inputs and, under ``mace``, mace_run_train options.
+        :param options: ``metadata.options`` of the training jobs (resources, walltime, queue, account).
+        :param evaluate_options: ``metadata.options`` of the job that scores the test split.
         """
         if isinstance(code, str):
             code = orm.load_code(code)
@@ -139,7 +141,7 @@ class TrainingWorkChain(ProtocolMixin, WorkChain):
             builder.training.max_iterations = orm.Int(inputs['max_iterations'])
         if evaluate_code is not None:
             builder.evaluate.code = orm.load_code(evaluate_code) if isinstance(evaluate_code, str) else evaluate_code
-            builder.evaluate.metadata = {'options': {'resources': resources}}
+            builder.evaluate.metadata = {'options': {'resources': resources, **(evaluate_options or {})}}
         return builder
 
     def split(self):

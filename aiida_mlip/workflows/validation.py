@@ -25,6 +25,7 @@ from aiida.engine import ToContext, WorkChain, calcfunction, if_
 from aiida.plugins import CalculationFactory, WorkflowFactory
 
 from aiida_mlip.analysis.validation import compare_elastic_results, compare_eos, compare_phonons, verdict
+from aiida_mlip.calculations.engine_job import scheduler_options
 from aiida_mlip.protocols import ProtocolMixin, validation_threshold_names
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain
 from aiida_mlip.workflows.properties.engine import dft_relax_inputs, dft_relaxed_structure
@@ -348,7 +349,8 @@ class ValidationWorkChain(ProtocolMixin, WorkChain):
         if 'md_stability' in self.inputs.properties.get_list() and self.has_model():
             inputs = AttributeDict(self.exposed_inputs(MdStabilityWorkChain, namespace='md_stability'))
             inputs.structure = self.validated_structure
-            inputs.mlip = {'code': self.inputs.md_code, 'models': self.inputs.mlip.models}
+            inputs.mlip = {'code': self.inputs.md_code, 'models': self.inputs.mlip.models,
+                           'metadata': {'options': scheduler_options(self.inputs.mlip.get('metadata', {}).get('options'))}}
             inputs.metadata = {'call_link_label': 'md_stability_mlip'}
             futures['md_stability_mlip'] = self.submit(MdStabilityWorkChain, **inputs)
         for name in self.inputs.properties.get_list():

@@ -32,6 +32,7 @@ from aiida.engine import ToContext
 from aiida.plugins import CalculationFactory
 
 from aiida_mlip.calculations.datasets import predictions_to_dataset
+from aiida_mlip.calculations.engine_job import scheduler_options
 from aiida_mlip.workflows.labeling import DftLabelingWorkChain, load_pseudo_family
 
 MlipEvaluateCalculation = CalculationFactory('mlip.evaluate')
@@ -40,9 +41,6 @@ MlipEvaluateCalculation = CalculationFactory('mlip.evaluate')
 EV_PER_A_TO_RY_PER_BOHR = 1.0 / 25.71104309541616
 #: PwBaseWorkChain ERROR_IONIC_CONVERGENCE_REACHED_EXCEPT_IN_FINAL_SCF: the relaxed structure is kept.
 DFT_RELAX_FINAL_SCF_EXIT = 501
-#: MlipEvaluateCalculation options that also apply to the relaxation job (scheduler resources, not file names).
-RELAX_OPTION_KEYS = ('resources', 'max_wallclock_seconds', 'queue_name', 'account', 'qos', 'withmpi',
-                     'custom_scheduler_commands', 'max_memory_kb')
 
 ENGINE_NAMESPACES = ('dft', 'mlip')
 
@@ -238,8 +236,7 @@ class EngineMixin:
                 inputs[name] = mlip[name]
         inputs.code = self.inputs.relax_code if 'relax_code' in self.inputs else find_relax_code(
             mlip['code'].computer)
-        options = dict(mlip.get('metadata', {}).get('options', {}))
-        inputs.metadata = {'options': {key: options[key] for key in RELAX_OPTION_KEYS if key in options},
+        inputs.metadata = {'options': scheduler_options(mlip.get('metadata', {}).get('options')),
                            'call_link_label': label}
         node = self.submit(MlipRelaxCalculation, **inputs)
         self.report(f'launched MlipRelaxCalculation<{node.pk}> to relax the {kind} of {len(structures)} cells ({label})')
