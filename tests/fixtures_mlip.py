@@ -22,6 +22,33 @@ TINY_PARAMETERS = {
 _CACHE = {}
 TIMINGS = {}
 
+#: Job-script lines that freeze mace_run_train (SIGSTOP) at a point where its checkpoint on disk is complete, once
+#: mace has logged AFTER_EVALS evaluations, then run FROZEN. Armed only in a fresh run (no checkpoint in the job
+#: folder: the restart, which starts from uploaded checkpoints, runs to the end). A last `opt` record in the results
+#: file means mace is training, past the checkpoint save of the previous evaluation; else it is let go on. pkill
+#: only targets children of this job script.
+_FREEZE_AT_A_CHECKPOINT = r"""
+if ! ls checkpoints/*.pt > /dev/null 2>&1; then (
+  while kill -0 $$ 2> /dev/null; do
+    sleep 0.05
+    evals=$(cat results/*_train.txt 2> /dev/null | grep -c '"mode": "eval"')
+    [ "${evals:-0}" -ge AFTER_EVALS ] || continue
+    pkill -STOP -P $$ -f mace.cli.run_train || continue
+    if tail -n 1 results/*_train.txt | grep -q '"mode": "opt"' && ls checkpoints/*.pt > /dev/null 2>&1; then
+      FROZEN
+      break
+    fi
+    pkill -CONT -P $$ -f mace.cli.run_train
+  done ) &
+fi
+"""
+
+
+def freeze_training_at_a_checkpoint(after_evals: int, then: str = ':') -> str:
+    """``custom_scheduler_commands`` of a MaceTrainCalculation whose first run stops for good at a safe point (a
+    complete checkpoint on disk), after which the shell command ``then`` runs (e.g. the kill of a time limit)."""
+    return _FREEZE_AT_A_CHECKPOINT.replace('AFTER_EVALS', str(after_evals)).replace('FROZEN', then)
+
 
 def _memoised(key, function):
     if key not in _CACHE:

@@ -26,7 +26,8 @@ import re
 import pytest
 from aiida import engine, orm
 
-from .fixtures_mlip import TINY_PARAMETERS, mlip_codes, si_dataset, si_splits  # noqa: F401  (fixtures)
+from .fixtures_mlip import TINY_PARAMETERS, freeze_training_at_a_checkpoint
+from .fixtures_mlip import mlip_codes, si_dataset, si_splits  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.pw, pytest.mark.mace]
 
@@ -34,26 +35,11 @@ pytestmark = [pytest.mark.pw, pytest.mark.mace]
 KILL_AFTER_EVALS = 4
 EPOCHS = 20
 
-#: The job-script part of slurmstepd at the time limit. Armed only in a fresh run (no checkpoint in the job folder:
-#: the restart, which starts from uploaded checkpoints, runs to the end). mace is frozen (SIGSTOP) while the files
-#: are inspected: a last `opt` record in the results file means it is training, past the checkpoint save of the
-#: previous evaluation, so the checkpoint on disk is complete. pkill only targets children of this job script.
-TIME_LIMIT_WATCHDOG = r"""
-if ! ls checkpoints/*.pt > /dev/null 2>&1; then (
-  while kill -0 $$ 2> /dev/null; do
-    sleep 0.05
-    evals=$(cat results/*_train.txt 2> /dev/null | grep -c '"mode": "eval"')
-    [ "${evals:-0}" -ge KILL_AFTER_EVALS ] || continue
-    pkill -STOP -P $$ -f mace.cli.run_train || continue
-    if tail -n 1 results/*_train.txt | grep -q '"mode": "opt"' && ls checkpoints/*.pt > /dev/null 2>&1; then
-      echo "slurmstepd: error: *** JOB 1 ON localhost CANCELLED AT $(date +%FT%T) DUE TO TIME LIMIT ***" >&2
-      pkill -KILL -P $$ -f mace.cli.run_train
-      break
-    fi
-    pkill -CONT -P $$ -f mace.cli.run_train
-  done ) &
-fi
-""".replace('KILL_AFTER_EVALS', str(KILL_AFTER_EVALS))
+#: The job-script part of slurmstepd at the time limit, at a safe point of the training (never a checkpoint cut in
+#: half): the message SLURM writes to the job's stderr, then the kill.
+TIME_LIMIT_WATCHDOG = freeze_training_at_a_checkpoint(KILL_AFTER_EVALS, then=(
+    'echo "slurmstepd: error: *** JOB 1 ON localhost CANCELLED AT $(date +%FT%T) DUE TO TIME LIMIT ***" >&2; '
+    'pkill -KILL -P $$ -f mace.cli.run_train'))
 
 
 @pytest.fixture

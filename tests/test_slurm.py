@@ -5,7 +5,8 @@ AiiDA: the state SLURM gave it and the time limit SLURM enforced, set from ``met
 (SLURM counts time limits in minutes, rounded up). The walltime test lets SLURM kill a job at its real time limit:
 slurmctld checks limits every 30 s, so a 1-minute limit ends the job 60-90 s after it started. That job is handed to
 the engine's event loop first and waits in SLURM while the labelings (local, direct, over SSH) run, so the module
-costs the longest of them, not their sum: the tests that need it come after the labelings.
+costs the longest of them, not their sum: the tests that need it come after the labelings. So does a training job
+that SLURM ends at its limit and that continues from its checkpoint in a second job.
 """
 import asyncio
 import math
@@ -19,12 +20,16 @@ import pytest
 from aiida import engine, orm
 
 from .conftest import TEST_FAMILY, TEST_PW_OVERRIDES, require_pw
+from .fixtures_mlip import TINY_PARAMETERS, freeze_training_at_a_checkpoint
+from .fixtures_mlip import si_dataset, si_splits  # noqa: F401  (fixtures)
 from .slurm_fixtures import record_seconds, slurm_cluster, slurm_computer  # noqa: F401  (fixtures)
 from .ssh_fixtures import make_ssh_computer, ssh_server  # noqa: F401  (fixture)
 
 SCRIPT = pathlib.Path(sys.executable).with_name('aiida-mlip')
 #: The labeling's pw.x time limit: 300 s becomes SLURM's TimeLimit=5 (minutes).
 LABEL_WALLTIME = 300
+#: Epochs of the training that SLURM's time limit interrupts (a few seconds each for the tiny model).
+TRAINING_EPOCHS = 12
 
 
 def pw_jobs(workflow) -> list:
@@ -85,8 +90,10 @@ def wait_until_terminated(node, timeout: float = 240.0):
 
 
 @pytest.fixture(scope='module')
-def slurm_and_direct_labels(walltime_job, slurm_computer, slurm_cluster, pw_code, pseudo_family):  # noqa: F811
-    """The same Si2 label through SLURM and through the direct scheduler (the overhead of one against the other)."""
+def slurm_and_direct_labels(walltime_job, training_past_its_time_limit, slurm_computer, slurm_cluster, pw_code,  # noqa: F811
+                            pseudo_family):
+    """The same Si2 label through SLURM and through the direct scheduler (the overhead of one against the other).
+    The two jobs that wait for SLURM's time limit are submitted first, so that they wait while these run."""
     require_pw()
     from aiida_mlip.setup.environment import ensure_pw_code
 
@@ -220,6 +227,50 @@ def test_a_job_past_its_slurm_time_limit_ends_with_the_walltime_exit_code(wallti
     assert 'DUE TO TIME LIMIT' in stderr
     print(f'SLURM time limit: job ran {ran:.0f} s of its 60 s limit, AiiDA saw exit 120 {seconds:.0f} s after '
           'submission')
+
+
+@pytest.fixture(scope='module')
+def training_past_its_time_limit(slurm_computer, si_splits):  # noqa: F811
+    """A MaceTrainBaseWorkChain on the SLURM computer whose first job freezes at a complete checkpoint and waits for
+    SLURM's 1-minute limit (no CPU spent while it waits), submitted to this process's runner like `walltime_job`."""
+    from aiida.manage import get_manager
+
+    from aiida_mlip.setup.environment import ensure_mlip_codes
+    from aiida_mlip.workflows.mace_train_base import MaceTrainBaseWorkChain
+
+    builder = MaceTrainBaseWorkChain.get_builder()
+    builder.mace.code = ensure_mlip_codes(slurm_computer)['mace_train']
+    builder.mace.train, builder.mace.valid = si_splits['train'], si_splits['valid']
+    builder.mace.parameters = orm.Dict({**TINY_PARAMETERS, 'max_num_epochs': TRAINING_EPOCHS})
+    builder.mace.metadata.options = {'resources': {'num_machines': 1, 'num_mpiprocs_per_machine': 1},
+                                     'max_wallclock_seconds': 60,
+                                     'custom_scheduler_commands': freeze_training_at_a_checkpoint(4)}
+    return get_manager().get_runner().submit(builder)
+
+
+@pytest.mark.pw
+@pytest.mark.mace
+def test_training_killed_at_its_slurm_time_limit_continues_from_its_checkpoint(training_past_its_time_limit,
+                                                                               slurm_cluster):  # noqa: F811
+    """SLURM ends the first training job at its limit (TIMEOUT in its record); core.slurm reads that from the job's
+    stderr, the parser keeps the checkpoints (exit 400) and the handler continues from them in a second SLURM job."""
+    from aiida_mlip.calculations.mace_train import MaceTrainCalculation
+
+    node = training_past_its_time_limit
+    wait_until_terminated(node, timeout=300)
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    killed, *later = sorted((c for c in node.called if c.process_label == 'MaceTrainCalculation'), key=lambda c: c.pk)
+    record = slurm_cluster.record(killed.get_job_id())
+    assert (record['JobState'], record['TimeLimit']) == ('TIMEOUT', '1'), record
+    assert killed.exit_status == MaceTrainCalculation.exit_codes.ERROR_OUT_OF_WALLTIME.status, killed.exit_message
+    assert killed.outputs.retrieved.base.repository.list_object_names('checkpoints')
+    [resumed] = later
+    assert resumed.inputs.restart_folder.uuid == killed.outputs.retrieved.uuid
+    assert slurm_cluster.record(resumed.get_job_id())['JobState'] == 'COMPLETED'
+    epochs = list(resumed.outputs.learning_curve.get_array('epoch'))
+    assert epochs[1] > 0 and epochs[-1] == TRAINING_EPOCHS - 1  # picked up at the checkpoint, ran to the end
+    print(f'training through SLURM: killed after {record_seconds(record, "StartTime", "EndTime"):.0f} s of its 60 s '
+          f'limit, resumed at epoch {epochs[1]:.0f}')
 
 
 def test_a_computer_label_taken_by_another_scheduler_is_refused(aiida_profile):
