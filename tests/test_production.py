@@ -137,10 +137,18 @@ def test_campaign_finishes_after_sigkill_of_the_daemon(killed_campaign):
 def test_no_finished_pw_run_is_repeated(killed_campaign, production_profile):
     frames = killed_campaign['frames']
     assert frames['ok'] and len(frames['frames']) == CAMPAIGN_FRAMES
+    ended_before_kill = {folder for event, folder in killed_campaign['runs_at_kill'] if event == 'end'}
+    repeated_calculations = 0
     for key, calcs in frames['frames'].items():
-        finished = [calc for calc in calcs if calc['state'] == 'finished' and
-                    (calc['exit_status'] == 0 or calc['exit_status'] == 11 and not calc['remote_folder'])]
-        assert len(finished) == 1, (key, calcs)
+        finished = sorted((calc for calc in calcs if calc['state'] == 'finished' and
+                           (calc['exit_status'] == 0 or calc['exit_status'] == 11 and not calc['remote_folder'])),
+                          key=lambda calc: calc['pk'])
+        assert finished, (key, calcs)
+        # aiida-core runs a workflow step at least once: a PwBaseWorkChain whose worker died after it launched its
+        # PwCalculation and before its checkpoint launches another on resume, and both finish. Only a calculation
+        # still running at the kill may be doubled so; one that had ended before it never is.
+        assert not any(calc['folder'] in ended_before_kill for calc in finished[:-1]), (key, calcs, ended_before_kill)
+        repeated_calculations += len(finished) - 1
     # The pw.x executions themselves (logged by the code around the binary): every job folder ran pw.x to its end,
     # and no run that had ended before the kill was started again.
     runs = production_profile.pw_runs()
@@ -148,7 +156,6 @@ def test_no_finished_pw_run_is_repeated(killed_campaign, production_profile):
     ends = collections.Counter(folder for event, folder in runs if event == 'end' and folder in chain_folders)
     starts = collections.Counter(folder for event, folder in runs if event == 'start' and folder in chain_folders)
     assert set(ends) == chain_folders, ends
-    ended_before_kill = {folder for event, folder in killed_campaign['runs_at_kill'] if event == 'end'}
     assert ended_before_kill and all(starts[folder] == 1 for folder in ended_before_kill), (ended_before_kill, starts)
     # aiida-core's submission is at-least-once: a job the scheduler had started but whose job id the killed worker
     # had not yet stored is submitted again in the same folder on resume. Only runs in flight at the kill may repeat.
@@ -156,7 +163,8 @@ def test_no_finished_pw_run_is_repeated(killed_campaign, production_profile):
     assert not repeated & ended_before_kill
     assert len(repeated) <= len(killed_campaign['workers']), starts
     print(f'\nSIGKILL: {len(ended_before_kill)} pw.x ended before the kill, none started again; '
-          f'{len(repeated)} job(s) in flight at the kill submitted again')
+          f'{len(repeated)} job(s) in flight at the kill submitted again, {repeated_calculations} calculation(s) '
+          'launched again by a resumed PwBaseWorkChain')
 
 
 # ---- load: 100 labelings through 2 daemon workers ------------------------------------------------------------------
