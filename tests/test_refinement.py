@@ -69,9 +69,13 @@ def test_targeted_cells_are_off_the_validation_volumes(refined):
     volumes = reference['structure__eos_curve'].get_array('volumes')
     labelings = [c for c in node.called if c.process_label == 'DftLabelingWorkChain']
     assert len(labelings) == 2
-    new_volumes = [s.get_cell_volume() for labeling in labelings for s in labeling.inputs.structures.values()]
+    new_volumes = [s.get_cell_volume() / len(s.sites)  # per atom, as the EOS curve's
+                   for labeling in labelings for s in labeling.inputs.structures.values()]
     assert len(new_volumes) == 3
     assert min(abs(v - w) / w for v in new_volumes for w in volumes) > 0.005
+    # near the scan (the protocol's +-6 % grid): half a step beyond its ends or between its points, not elsewhere
+    step = min(abs(b - a) for a, b in zip(volumes, volumes[1:]))
+    assert all(min(volumes) - 1.6 * step < v < max(volumes) + 1.6 * step for v in new_volumes), (new_volumes, volumes)
     assert all(ct.startswith('refine_eos') for labeling in labelings
                for ct in labeling.inputs.config_types.get_dict().values())
 

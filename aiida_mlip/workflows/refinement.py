@@ -591,7 +591,7 @@ class RefinementWorkChain(ProtocolMixin, WorkChain):
         if counts.get('eos'):
             reference = self.ctx.reference[label]
             curve, structure = reference['eos_curve'], self._validated_structure(label)
-            volume = structure.get_cell_volume()
+            volume = structure.get_cell_volume() / len(structure.sites)  # the curve's volumes are per atom
             dft_volumes = curve.get_array('volumes')
             side = 'both'
             outputs = self.ctx[f'validation_{label}'].outputs
