@@ -163,8 +163,8 @@ PW_KEYS_SET_ELSEWHERE = {
 #: Jobs a campaign's ``resources`` section sets options for; ``evaluate`` also covers the model's relax and MD jobs.
 RESOURCE_JOBS = {'pw': 'pw.x jobs (labels and the DFT reference)', 'mace_train': 'training jobs',
                  'evaluate': 'jobs that run a model: evaluate, relax and MD'}
-#: Keys of one job's ``resources`` entry -> (``metadata.options`` key, description); the first two form
-#: ``options.resources``.
+#: Keys of one job kind's ``resources`` entry (each a ``metadata.options`` key) -> description; the two ``num_``
+#: counts form ``options.resources``.
 RESOURCE_KEYS = {
     'num_machines': 'nodes per job',
     'num_mpiprocs_per_machine': 'MPI processes per node',
