@@ -15,6 +15,7 @@ import contextlib
 import difflib
 import functools
 import io
+import warnings
 
 from aiida import orm
 from aiida.common import datastructures
@@ -62,7 +63,10 @@ DEFAULT_PARAMETERS = {'plot': False}
 
 @functools.lru_cache(maxsize=1)
 def _mace_arg_parser():
-    with contextlib.redirect_stdout(io.StringIO()):  # mace prints a notice about cuequivariance on import
+    # On import mace prints a notice about cuequivariance, and e3nn warns that it loads its own constants file with
+    # torch.load(weights_only=False), which mace forces: noise in `aiida-mlip campaign validate`, not for the user.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter('ignore', UserWarning)
         from mace.tools.arg_parser import build_default_arg_parser
 
     return build_default_arg_parser()
